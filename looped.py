@@ -1,0 +1,276 @@
+"""
+A looped (weight-tied) transformer, after "Stability and Generalization in Looped Transformers"
+(Labovich, arXiv 2604.15259). One transformer block B is applied again and again to a state h:
+
+    e   = embed(x)                                   input embedding            (B, T, d)
+    h_0 = e | 0 | noise                              initial state              (B, T, d)
+    h_{t+1} = N_out( B(h_t, e) )                     one iteration F(h_t, e)    (B, T, d)
+    logits  = head( LN(h_t) )                        readout after any t        (B, T, n_classes)
+
+Recall (how the input re-enters the loop):
+    none      B(h, e) = Block(h)                     input only in h_0: the map h -> F(h) is the same
+                                                     for every input (the paper's negative result)
+    standard  B(h, e) = Block(W [h ; e])             inject at the block's entrance (Bansal et al. 2022)
+    internal  B(h, e) = Block(h) with its MLP        inject inside the block, between attention and MLP:
+                        reading [LN(h) ; e]          attention sees the state, the MLP state and input
+Outer normalization N_out is a LayerNorm of the loop state after every iteration, outside the
+block's residual stream; recall + outer normalization is the paper's stable regime.
+"""
+
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RECALLS = ('none', 'standard', 'internal')
+INNER_NORMS = ('pre', 'post', 'none')
+INIT_STATES = ('embed', 'zeros', 'noise')
+POSITIONS = ('rope', 'learned')
+
+
+@dataclass
+class LoopedConfig:
+    vocab_size: int = 2          # input token ids are 0..vocab_size-1
+    n_classes: int = 2           # output classes per token
+    block_size: int = 32         # training length; 'learned' positions cap inputs at this length
+    d_model: int = 64            # width of the loop state
+    n_head: int = 4              # attention heads
+    mlp_ratio: int = 4           # MLP hidden width = mlp_ratio * d_model
+    n_iters: int = 16            # loop iterations in training (and at block_size at test time)
+    scale_iters: bool = False    # test-time rule: iterations grow with length, n_iters * T / block_size
+    recall: str = 'standard'     # none | standard | internal
+    inner_norm: str = 'pre'      # pre: x + f(LN(x)) | post: LN(x + f(x)) | none: x + f(x)
+    outer_norm: bool = True      # LayerNorm of the state after every iteration
+    init_state: str = 'embed'    # h_0: embed (h_0 = e) | zeros | noise (unit Gaussian)
+    pos: str = 'rope'            # rope: rotary (any length) | learned: absolute, up to block_size
+    causal: bool = False         # causal attention mask
+    window: int = 0              # attend only to the last `window` positions (0: all)
+    bias: bool = False           # biases in Linear layers
+
+    def validate(self):
+        """Raise ValueError with a one-line message if the configuration is impossible."""
+        for name, value, allowed in (('recall', self.recall, RECALLS), ('inner_norm', self.inner_norm, INNER_NORMS),
+                                     ('init_state', self.init_state, INIT_STATES), ('pos', self.pos, POSITIONS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        for name in ('vocab_size', 'n_classes', 'block_size', 'd_model', 'n_head', 'mlp_ratio', 'n_iters'):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.pos == 'rope' and (self.d_model // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0, got {self.window}")
+        return self
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021): rotates q, k by angles proportional to position,
+    so attention scores depend on relative offsets only and any length can be fed."""
+
+    def __init__(self, head_dim, base=10000.0):
+        super().__init__()
+        self.register_buffer('inv_freq', base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+
+    def forward(self, x):  # x: (B, H, T, hd)
+        T = x.size(-2)
+        angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq)  # (T, hd/2)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class SelfAttention(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.causal, self.window = cfg.n_head, cfg.causal, cfg.window
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.pos == 'rope' else None
+
+    def mask(self, T, device):
+        """Boolean (T, T) mask, True where query i may attend to key j; None for full attention."""
+        if not self.causal and not self.window:
+            return None
+        offset = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]  # i - j
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device)
+        if self.causal:
+            allowed &= offset >= 0
+        if self.window:
+            allowed &= offset < self.window if self.causal else offset.abs() < self.window
+        return allowed
+
+    def forward(self, x):  # x: (B, T, d)
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        mask = self.mask(T, x.device)
+        if self.causal and not self.window:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # fused causal kernel
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, d)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg, d_in):
+        super().__init__()
+        self.fc = nn.Linear(d_in, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Attention then MLP, each with a residual connection and the chosen inner normalization.
+    With internal recall the MLP reads [state ; input embedding] (width 2d)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.inner_norm, self.internal = cfg.inner_norm, cfg.recall == 'internal'
+        self.attn = SelfAttention(cfg)
+        self.mlp = MLP(cfg, 2 * cfg.d_model if self.internal else cfg.d_model)
+        norm = (lambda: nn.Identity()) if cfg.inner_norm == 'none' else (lambda: nn.LayerNorm(cfg.d_model, bias=cfg.bias))
+        self.ln1, self.ln2 = norm(), norm()
+
+    def forward(self, h, e):  # h, e: (B, T, d)
+        if self.inner_norm == 'post':                                  # LN(x + f(x))
+            h = self.ln1(h + self.attn(h))
+            return self.ln2(h + self.mlp(torch.cat((h, e), -1) if self.internal else h))
+        h = h + self.attn(self.ln1(h))                                 # x + f(LN(x)); ln = identity for 'none'
+        u = self.ln2(h)
+        return h + self.mlp(torch.cat((u, e), -1) if self.internal else u)
+
+
+class LoopedTransformer(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg.validate()
+        d = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.pos_emb = nn.Embedding(cfg.block_size, d) if cfg.pos == 'learned' else None
+        self.recall_proj = nn.Linear(2 * d, d, bias=cfg.bias) if cfg.recall == 'standard' else None  # W in W [h ; e]
+        self.block = Block(cfg)
+        self.ln_out = nn.LayerNorm(d, bias=cfg.bias) if cfg.outer_norm else nn.Identity()  # N_out
+        self.ln_f = nn.LayerNorm(d, bias=cfg.bias)
+        self.head = nn.Linear(d, cfg.n_classes, bias=cfg.bias)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # --- the pieces of the loop; analyze.py differentiates through step() ---
+
+    def embed(self, idx):  # idx: (B, T) -> e: (B, T, d)
+        T = idx.size(1)
+        if self.pos_emb is not None and T > self.cfg.block_size:
+            raise ValueError(f"input length {T} exceeds block_size {self.cfg.block_size} of learned positions")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
+        e = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            e = e + self.pos_emb(torch.arange(T, device=idx.device))
+        return e
+
+    def initial_state(self, e, generator=None):  # h_0: (B, T, d)
+        if self.cfg.init_state == 'embed':
+            return e
+        if self.cfg.init_state == 'zeros':
+            return torch.zeros_like(e)
+        noise = torch.randn(e.shape, generator=generator, device=generator.device if generator else e.device)
+        return noise.to(device=e.device, dtype=e.dtype)
+
+    def step(self, h, e):
+        """One iteration h_{t+1} = F(h_t, e) = N_out(B(h_t, e)). Shapes (B, T, d)."""
+        if self.cfg.recall == 'standard':
+            h = self.recall_proj(torch.cat((h, e), -1))              # W [h ; e]
+        return self.ln_out(self.block(h, e))
+
+    def readout(self, h):  # (B, T, d) -> logits (B, T, n_classes)
+        return self.head(self.ln_f(h))
+
+    def default_iters(self, T):
+        """Test-time iteration rule (never looks at labels): n_iters, scaled with length when
+        cfg.scale_iters, i.e. ceil(n_iters * T / block_size) for inputs longer than training."""
+        if self.cfg.scale_iters and T > self.cfg.block_size:
+            return math.ceil(self.cfg.n_iters * T / self.cfg.block_size)
+        return self.cfg.n_iters
+
+    def forward(self, idx, n_iters=None):
+        """idx: LongTensor (B, T). Runs exactly n_iters iterations (default: default_iters(T))
+        and returns logits (B, T, n_classes)."""
+        n_iters = self.default_iters(idx.size(1)) if n_iters is None else n_iters
+        e = self.embed(idx)
+        h = self.initial_state(e)
+        for _ in range(n_iters):
+            h = self.step(h, e)
+        return self.readout(h)
+
+    def flops_per_iter(self, T):
+        """Forward FLOPs of one iteration for one sequence of length T (2 * multiply-adds)."""
+        cfg, d = self.cfg, self.cfg.d_model
+        matmul = 3 * d * d + d * d + 2 * (2 if cfg.recall == 'internal' else 1) * d * cfg.mlp_ratio * d
+        matmul += 2 * d * d if cfg.recall == 'standard' else 0
+        keys = min(T, cfg.window) if cfg.window else T
+        attn = 2 * keys * d  # scores + weighted sum, per query
+        return 2 * T * (matmul + attn)
+
+    # --- checkpoints ---
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location='cpu'):
+        """Load a checkpoint written by train.py; CPU, eval mode. Raises CheckpointError with a
+        one-line message for a missing, corrupt or incompatible file."""
+        ckpt = load_checkpoint(path, map_location)
+        model = cls(config_from_dict(ckpt['config']['model'], path))
+        try:
+            model.load_state_dict(ckpt['model'])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not match the stored config ({str(err).splitlines()[0]})")
+        return model.eval()
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable, or does not fit the model asked for."""
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """torch.load with weights_only=True, turning every failure into a one-line CheckpointError."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}")
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a checkpoint (try {path}/ckpt.pt)")
+    except Exception as err:  # truncated zip, pickle garbage, wrong file type ...
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model' not in ckpt.get('config', {}):
+        raise CheckpointError(f"{path} is not a looped checkpoint (missing model weights or config)")
+    return ckpt
+
+
+def config_from_dict(d, source='checkpoint'):
+    known = {f.name for f in fields(LoopedConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise CheckpointError(f"{source}: unknown model config keys {sorted(unknown)}")
+    try:
+        return LoopedConfig(**d).validate()
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}")
+
+
+def config_to_dict(cfg):
+    return asdict(cfg)

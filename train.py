@@ -1,0 +1,411 @@
+"""
+Train a looped transformer on one of the tasks, then test it on harder inputs with more iterations.
+
+    python train.py --task prefix_sums                     # CPU quick start (a few minutes)
+    python train.py --task prefix_sums --recall internal --outer_norm false
+    python train.py --task sudoku --device cuda --compile  # one GPU
+    torchrun --standalone --nproc_per_node 8 train.py --task sudoku   # several GPUs (DDP)
+
+Every field of TrainConfig and LoopedConfig is a flag (--name value or --name=value); flags left
+out take the task's defaults, then the dataclass defaults. `python train.py --help` lists them.
+"""
+
+import argparse
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from looped import LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, config_from_dict
+from tasks import get_task, TaskError
+
+
+@dataclass
+class TrainConfig:
+    task: str = 'prefix_sums'      # prefix_sums | sudoku | chess
+    out_dir: str = 'out'           # checkpoint (ckpt.pt) and final evaluation (eval.json) go here
+    resume: bool = False           # continue the run saved in out_dir
+    overwrite: bool = False        # replace an existing checkpoint in out_dir instead of refusing
+    seed: int = 1337               # seeds the weights, the data stream and the evaluation sets
+    device: str = 'auto'           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = 'auto'            # auto (bfloat16 autocast on CUDA if supported) | float32 | bfloat16
+    compile: bool = False          # torch.compile the model (not useful on CPU)
+    train_difficulty: str = ''     # what training draws from ('' = the task's default)
+    batch_size: int = 64           # global batch, split evenly across DDP processes
+    max_steps: int = 2000          # optimizer steps
+    lr: float = 1e-3               # peak learning rate (AdamW)
+    min_lr: float = 1e-4           # learning rate at the end of the cosine decay
+    warmup_steps: int = 100        # linear warmup from 0 to lr
+    weight_decay: float = 0.1      # AdamW weight decay on matrices and embeddings
+    beta2: float = 0.99            # AdamW second-moment decay
+    grad_clip: float = 1.0         # clip the global gradient norm (0 = off)
+    alpha: float = 0.5             # progressive loss weight: (1-alpha) CE(T iters) + alpha CE(n+k iters)
+    tbptt: int = 0                 # backprop through the last tbptt iterations of the T-iteration term (0 = all)
+    log_interval: int = 50         # steps between log lines
+    eval_interval: int = 500       # steps between quick evaluations at the training difficulty (0 = never)
+    ckpt_interval: int = 500       # steps between checkpoints (0 = only at the end)
+    eval_n: int = 512              # examples per difficulty in evaluations
+    eval_difficulties: str = ''    # comma list for the final table ('' = the task's default)
+    eval_iters: str = ''           # comma list of iteration counts for the final table ('' = task's multiples of n_iters)
+    eval_batch: int = 128          # evaluation batch size
+    peak_flops: float = 0.0        # device peak FLOP/s for MFU (0 = look the device up in a small table)
+
+
+# --------------------------------------------------------------------------------------------- flags
+
+def field_help(cls):
+    """The `# comment` after each dataclass field, so the source stays the one place flags are explained."""
+    return dict(re.findall(r'^\s+(\w+): \w+ = .*?#\s*(.*)$', inspect.getsource(cls), re.M))
+
+
+def str2bool(s):
+    if s.lower() in ('1', 'true', 'yes', 'on'):
+        return True
+    if s.lower() in ('0', 'false', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"train.py: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    """Returns (TrainConfig, dict of LoopedConfig fields given on the command line)."""
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_fields = {f.name for f in fields(LoopedConfig)}
+    for cls, title in ((TrainConfig, 'training'), (LoopedConfig, 'model (defaults depend on the task)')):
+        group, helps = parser.add_argument_group(title), field_help(cls)
+        for f in fields(cls):
+            default = getattr(cls, f.name)
+            kind = str2bool if isinstance(default, bool) else type(default)
+            extra = dict(nargs='?', const=True) if kind is str2bool else {}
+            shown = '' if cls is LoopedConfig else f' [{default}]'
+            group.add_argument(f'--{f.name}', type=kind, default=None, help=helps.get(f.name, '') + shown, **extra)
+    args = vars(parser.parse_args(argv))
+    train = TrainConfig(**{k: v for k, v in args.items() if k not in model_fields and v is not None})
+    model_overrides = {k: v for k, v in args.items() if k in model_fields and v is not None}
+    return train, model_overrides
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'A100': 312e12, 'A800': 312e12, 'L40S': 362e12,
+                   'L4': 121e12, 'A10': 125e12, '4090': 165e12, '3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+
+
+def setup_device(tc):
+    """Returns (device, rank, world_size, local_rank); starts torch.distributed under torchrun."""
+    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    rank, world, local = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))) if ddp else (0, 1, 0)
+    want = tc.device
+    if want == 'auto':
+        want = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if want.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit(f"train.py: error: --device {tc.device} asked for, but no CUDA device is available")
+    if want == 'mps' and not torch.backends.mps.is_available():
+        raise SystemExit("train.py: error: --device mps asked for, but MPS is not available")
+    if want not in ('cpu', 'mps') and not want.startswith('cuda'):
+        raise SystemExit(f"train.py: error: unknown device {tc.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if ddp:
+        if want.startswith('cuda'):
+            want = f'cuda:{local}'
+            torch.cuda.set_device(want)
+        torch.distributed.init_process_group(backend='nccl' if want.startswith('cuda') else 'gloo')
+    return torch.device(want), rank, world, local
+
+
+def autocast_context(tc, device):
+    use_bf16 = tc.dtype == 'bfloat16' or (tc.dtype == 'auto' and device.type == 'cuda' and torch.cuda.is_bf16_supported())
+    if tc.dtype not in ('auto', 'float32', 'bfloat16'):
+        raise SystemExit(f"train.py: error: unknown dtype {tc.dtype!r}; use auto, float32 or bfloat16")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def peak_flops(tc, device):
+    if tc.peak_flops:
+        return tc.peak_flops
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
+    return 0.0
+
+
+def lr_at(step, tc):
+    """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    return tc.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+def make_optimizer(model, tc):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{'params': decay, 'weight_decay': tc.weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, tc.beta2))
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+class ProgressiveLoss(nn.Module):
+    """The training objective as one module, so DDP sees one forward per step (Bansal et al. 2022):
+
+        loss = (1 - alpha) * CE(readout(h_T)) + alpha * CE(readout(h'_{n+k}))
+
+    h_T runs the full T = n_iters iterations (gradient through the last `tbptt` only, if set);
+    h' starts from h_n detached and runs k more iterations with gradient, n ~ U{0..T-1},
+    k ~ U{1..T-n}: the model must improve any state it is handed, not count its own steps."""
+
+    def __init__(self, model, alpha, tbptt, compile=False):
+        super().__init__()
+        self.model, self.alpha, self.tbptt = model, alpha, tbptt
+        self.step = torch.compile(model.step) if compile else model.step   # the loop body is what is worth compiling
+
+    def forward(self, x, y, n, k, noise_gen=None):
+        m, T = self.model, self.model.cfg.n_iters
+        e = m.embed(x)                                              # (B, L, d)
+        h = m.initial_state(e, noise_gen)
+        main_iters = T if self.alpha < 1 else n                     # alpha = 1: only the progressive term
+        first_grad = max(0, T - self.tbptt) if self.alpha < 1 and self.tbptt else 0
+        if self.alpha == 1:
+            first_grad = n                                          # nothing before the branch needs gradient
+        branch = None
+        for t in range(main_iters):
+            if t == n:
+                branch = h.detach()
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad):
+                h = self.step(h, e)
+        loss, logits = 0.0, None
+        if self.alpha > 0:
+            branch = h.detach() if branch is None else branch
+            for _ in range(k):
+                branch = self.step(branch, e)
+            logits = m.readout(branch)
+            loss = loss + self.alpha * F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        if self.alpha < 1:
+            logits = m.readout(h)
+            loss = loss + (1 - self.alpha) * F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        fwd_iters = main_iters + (k if self.alpha > 0 else 0)       # block applications, for FLOP counting
+        grad_iters = main_iters - first_grad + (k if self.alpha > 0 else 0)
+        return loss, logits, fwd_iters, grad_iters
+
+
+def draw_n_k(T, gen):
+    n = int(torch.randint(0, T, (1,), generator=gen))
+    k = int(torch.randint(1, T - n + 1, (1,), generator=gen))
+    return n, k
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, task, split, iter_counts, batch_size=128, ctx=nullcontext()):
+    """Scores of `split` after each iteration count in iter_counts (one pass of max(iter_counts)
+    iterations, read out along the way). Returns {iters: {metric: value}}."""
+    model.eval()
+    device = next(model.parameters()).device
+    counts = sorted(set(iter_counts))
+    logits = {t: [] for t in counts}
+    for i in range(0, len(split['x']), batch_size):
+        x = split['x'][i:i + batch_size].to(device)
+        with ctx:
+            e = model.embed(x)
+            h = model.initial_state(e)
+            for t in range(1, counts[-1] + 1):
+                h = model.step(h, e)
+                if t in logits:
+                    logits[t].append(model.readout(h).float().cpu())
+    return {t: task.score(torch.cat(logits[t]), split) for t in counts}
+
+
+def eval_iter_counts(tc, task, cfg):
+    """Columns of the final table: --eval_iters, or the task's multiples of n_iters."""
+    if tc.eval_iters:
+        counts = [int(s) for s in tc.eval_iters.split(',')]
+    else:
+        counts = [max(1, round(m * cfg.n_iters)) for m in task.eval_mults]
+    return sorted(set(counts))
+
+
+def final_table(model, task, tc, cfg, ctx):
+    """Accuracy (task.headline) against test-time iterations on every evaluation difficulty."""
+    diffs = [task.parse_difficulty(s) for s in tc.eval_difficulties.split(',')] if tc.eval_difficulties else list(task.eval_difficulties)
+    rows, counts = [], None
+    for diff in diffs:
+        split = task.eval_set(diff, tc.eval_n, tc.seed)
+        counts, rule = eval_iter_counts(tc, task, cfg), model.default_iters(split['x'].size(1))
+        t0 = time.time()
+        scores = evaluate(model, task, split, counts + [rule], tc.eval_batch, ctx)
+        rows.append({'difficulty': diff, 'rule_iters': rule, 'scores': {str(t): s for t, s in scores.items()},
+                     'seconds': round(time.time() - t0, 1)})
+    head = task.headline
+    print(f"\n{head} accuracy (%) on {tc.eval_n} fresh examples per row, against test-time iterations:")
+    print(f"{'difficulty':>10} |" + ''.join(f'{t:>7}' for t in counts) + ' | default rule')
+    for r in rows:
+        cells = ''.join(f"{100 * r['scores'][str(t)][head]:7.1f}" for t in counts)
+        print(f"{str(r['difficulty']):>10} |{cells} | {100 * r['scores'][str(r['rule_iters'])][head]:5.1f} @ {r['rule_iters']} iters")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, optimizer, tc, step, gen):
+    """Atomic: write a temp file, then rename over the old checkpoint."""
+    ckpt = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
+            'config': {'model': asdict(model.cfg), 'train': asdict(tc)},
+            'data_rng': gen.get_state(), 'torch_rng': torch.get_rng_state()}
+    tmp = f'{path}.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+RESUME_MAY_CHANGE = {'out_dir', 'resume', 'overwrite', 'device', 'compile', 'max_steps', 'log_interval', 'eval_interval',
+                     'ckpt_interval', 'eval_n', 'eval_difficulties', 'eval_iters', 'eval_batch', 'peak_flops'}
+
+
+def check_resumable(ckpt, cfg, tc, path):
+    """A run resumes only with the config it was started with (fields that don't change the
+    training trajectory excepted)."""
+    if ckpt['config']['model'] != asdict(cfg):
+        diff = sorted(k for k in asdict(cfg) if ckpt['config']['model'].get(k) != getattr(cfg, k))
+        raise CheckpointError(f"{path} was trained with a different model config (differs in: {', '.join(diff)})")
+    saved = ckpt['config'].get('train', {})
+    diff = sorted(k for k in asdict(tc) if k not in RESUME_MAY_CHANGE and saved.get(k) != getattr(tc, k))
+    if diff:
+        raise CheckpointError(f"{path} was trained with a different training config (differs in: {', '.join(diff)})")
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def build_config(tc, model_overrides, task, train_difficulty):
+    values = {**task.model_defaults(train_difficulty), **model_overrides}
+    try:
+        return LoopedConfig(**values).validate()
+    except ValueError as err:
+        raise SystemExit(f"train.py: error: {err}")
+
+
+def main(argv=None):
+    tc, model_overrides = parse_args(argv)
+    try:
+        task = get_task(tc.task)
+        train_diff = task.parse_difficulty(tc.train_difficulty) if tc.train_difficulty else task.train_difficulty
+        if tc.eval_difficulties:
+            [task.parse_difficulty(s) for s in tc.eval_difficulties.split(',')]
+    except TaskError as err:
+        raise SystemExit(f"train.py: error: {err}")
+    if tc.batch_size < 1 or tc.max_steps < 0 or not 0 <= tc.alpha <= 1 or tc.tbptt < 0 or tc.eval_n < 1:
+        raise SystemExit("train.py: error: need batch_size >= 1, max_steps >= 0, 0 <= alpha <= 1, tbptt >= 0, eval_n >= 1")
+    cfg = build_config(tc, model_overrides, task, train_diff)
+    device, rank, world, local = setup_device(tc)
+    master = rank == 0
+    if tc.batch_size % world:
+        raise SystemExit(f"train.py: error: batch_size {tc.batch_size} is not divisible by {world} processes")
+    torch.manual_seed(tc.seed)
+    model = LoopedTransformer(cfg).to(device)
+    optimizer = make_optimizer(model, tc)
+    gen = torch.Generator().manual_seed(tc.seed)                   # the data stream (same on every rank)
+    path = os.path.join(tc.out_dir, 'ckpt.pt')
+    step = 0
+    if tc.resume:
+        try:
+            ckpt = load_checkpoint(path, device)
+            check_resumable(ckpt, cfg, tc, path)
+        except CheckpointError as err:
+            raise SystemExit(f"train.py: error: cannot resume: {err}")
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        gen.set_state(ckpt['data_rng'])
+        torch.set_rng_state(ckpt['torch_rng'])
+        step = ckpt['step']
+        if master:
+            print(f"resuming {path} at step {step}")
+    elif os.path.exists(path) and not tc.overwrite:
+        raise SystemExit(f"train.py: error: {path} already exists; pass --resume to continue it, "
+                         f"--overwrite to replace it, or another --out_dir")
+    if master:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"task {task.name} ({train_diff}) | recall {cfg.recall} | inner {cfg.inner_norm} | outer_norm {cfg.outer_norm} | "
+              f"d {cfg.d_model} | iters {cfg.n_iters} | {n_params / 1e3:.1f}k params | {device} x{world}")
+
+    loss_module = ProgressiveLoss(model, tc.alpha, tc.tbptt, tc.compile)
+    if tc.compile and device.type == 'cpu' and master:
+        print("note: --compile on CPU compiles with the C++ backend; expect a long first step and little gain")
+    if world > 1:
+        loss_module = torch.nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == 'cuda' else None,
+                                                                find_unused_parameters=cfg.recall == 'none')
+    ctx = autocast_context(tc, device)
+    peak = peak_flops(tc, device)
+    local_b = tc.batch_size // world
+    last_good = step if tc.resume else None
+    t_log, steps_since_log = time.time(), 0
+    try:
+        while step < tc.max_steps:
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            x, y = task.train_batch(train_diff, tc.batch_size, gen)       # global batch, then this rank's shard
+            n, k = draw_n_k(cfg.n_iters, gen)
+            x, y = x[rank * local_b:(rank + 1) * local_b].to(device), y[rank * local_b:(rank + 1) * local_b].to(device)
+            model.train()
+            with ctx:
+                loss, logits, fwd_iters, grad_iters = loss_module(x, y, n, k, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            loss_value = loss.detach()
+            if world > 1:
+                torch.distributed.all_reduce(loss_value, op=torch.distributed.ReduceOp.AVG)
+            loss_value = loss_value.item()
+            if not math.isfinite(loss_value):
+                kept = f"the last good checkpoint (step {last_good}) is kept in {path}" if last_good is not None else "no checkpoint was written"
+                raise SystemExit(f"train.py: error: loss is {loss_value} at step {step}; stopping, {kept}")
+            optimizer.step()
+            step += 1
+            steps_since_log += 1
+            if master and (step % tc.log_interval == 0 or step == tc.max_steps):
+                dt = (time.time() - t_log) / steps_since_log
+                acc = task.score(logits.detach().float().cpu(), {'y': y.cpu(), 'x': x.cpu()})[task.headline] if step else 0
+                flops = tc.batch_size * model.flops_per_iter(x.size(1)) * (fwd_iters + 2 * grad_iters)
+                mfu = f"{100 * flops / dt / peak:.1f}%" if peak else '-'
+                print(f"step {step:5d} | loss {loss_value:.4f} | acc {100 * acc:5.1f}% | lr {lr:.2e} | "
+                      f"{1000 * dt:.1f} ms/step | {tc.batch_size / dt:.0f} ex/s | mfu {mfu}", flush=True)
+                t_log, steps_since_log = time.time(), 0
+            if master and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.max_steps:
+                split = task.eval_set(train_diff, min(tc.eval_n, 256), tc.seed + 1)
+                s = evaluate(model, task, split, [cfg.n_iters], tc.eval_batch, ctx)[cfg.n_iters]
+                print(f"eval step {step} | {task.headline} {100 * s[task.headline]:.1f}% on {train_diff} at {cfg.n_iters} iters")
+            if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps:
+                if master:
+                    save_checkpoint(path, model, optimizer, tc, step, gen)
+                last_good = step
+    except KeyboardInterrupt:
+        if master:
+            save_checkpoint(path, model, optimizer, tc, step, gen)
+            print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
+        raise SystemExit(130)
+    if master:
+        save_checkpoint(path, model, optimizer, tc, step, gen)
+        print(f"saved {path} (step {step})")
+        rows = final_table(model, task, tc, cfg, ctx)
+        with open(os.path.join(tc.out_dir, 'eval.json'), 'w') as f:
+            json.dump({'config': {'model': asdict(cfg), 'train': asdict(tc)}, 'step': step, 'headline': task.headline, 'rows': rows}, f, indent=1)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
