@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from looped import LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, config_from_dict
-from tasks import get_task, TaskError
+from tasks import get_task, token_scores, TaskError
 
 
 @dataclass
@@ -378,7 +378,7 @@ def main(argv=None):
             steps_since_log += 1
             if master and (step % tc.log_interval == 0 or step == tc.max_steps):
                 dt = (time.time() - t_log) / steps_since_log
-                acc = task.score(logits.detach().float().cpu(), {'y': y.cpu(), 'x': x.cpu()})[task.headline] if step else 0
+                acc = token_scores(logits.detach().float().cpu(), y.cpu())['exact']   # whole-sequence, on this batch
                 flops = tc.batch_size * model.flops_per_iter(x.size(1)) * (fwd_iters + 2 * grad_iters)
                 mfu = f"{100 * flops / dt / peak:.1f}%" if peak else '-'
                 print(f"step {step:5d} | loss {loss_value:.4f} | acc {100 * acc:5.1f}% | lr {lr:.2e} | "
