@@ -33,3 +33,188 @@ def test_every_variant_builds_and_shapes(recall, inner, outer):
     idx = torch.randint(0, 2, (3, 8))
     assert model(idx).shape == (3, 8, 2)
     assert model(idx, n_iters=5).shape == (3, 8, 2)
+
+
+@pytest.mark.parametrize('recall,inner,outer', list(itertools.product(RECALLS, INNER_NORMS, (True, False))))
+def test_every_variant_trains(recall, inner, outer):
+    """30 Adam steps on one fixed batch lower the progressive loss, for all 18 variants. The target,
+    the previous bit, needs attention and positions, so every part of the block must learn."""
+    torch.manual_seed(0)
+    model = LoopedTransformer(tiny_config(recall=recall, inner_norm=inner, outer_norm=outer))
+    loss_fn = train.ProgressiveLoss(model, alpha=0.5, tbptt=0)
+    x = torch.randint(0, 2, (16, 6), generator=torch.Generator().manual_seed(0))
+    y = torch.cat((torch.full((16, 1), -100), x[:, :-1]), 1)            # y_i = x_{i-1}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = loss_fn(x, y, 1, 2)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
+
+
+def test_n_iters_counts_block_applications():
+    model = LoopedTransformer(tiny_config())
+    calls = []
+    model.block.register_forward_hook(lambda *args: calls.append(1))
+    idx = torch.randint(0, 2, (2, 8))
+    for n in (1, 4, 7):
+        calls.clear()
+        model(idx, n_iters=n)
+        assert len(calls) == n
+    calls.clear()
+    model(idx)
+    assert len(calls) == model.cfg.n_iters
+
+
+def test_default_iteration_rule_scales_with_length():
+    model = LoopedTransformer(tiny_config(scale_iters=True, n_iters=3, block_size=8))
+    assert model.default_iters(8) == 3 and model.default_iters(4) == 3
+    assert model.default_iters(16) == 6 and model.default_iters(20) == 8
+    assert LoopedTransformer(tiny_config(scale_iters=False)).default_iters(64) == 3
+
+
+@pytest.mark.parametrize('recall', RECALLS)
+def test_recall_decides_whether_an_iteration_reads_the_input(recall):
+    """From the same state, a no-recall step gives the same next state for two different inputs;
+    a recall step (standard or internal) does not."""
+    torch.manual_seed(0)
+    model = LoopedTransformer(tiny_config(recall=recall))
+    h = torch.randn(1, 8, 16)
+    e1, e2 = model.embed(torch.zeros(1, 8, dtype=torch.long)), model.embed(torch.ones(1, 8, dtype=torch.long))
+    same = torch.allclose(model.step(h, e1), model.step(h, e2))
+    assert same == (recall == 'none')
+
+
+def test_progressive_loss_matches_plain_forward():
+    """With alpha = 0 the loss is CE of the T-iteration output; with alpha = 1, of n + k iterations."""
+    torch.manual_seed(0)
+    model = LoopedTransformer(tiny_config())
+    x, y = tasks.PrefixSums().train_batch(8, 4, torch.Generator().manual_seed(1))
+    ce = lambda logits: torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    assert torch.allclose(train.ProgressiveLoss(model, 0.0, 0)(x, y, 1, 1)[0], ce(model(x, n_iters=3)))
+    assert torch.allclose(train.ProgressiveLoss(model, 1.0, 0)(x, y, 1, 2)[0], ce(model(x, n_iters=3)))
+
+
+def test_causal_model_does_not_look_ahead():
+    torch.manual_seed(0)
+    model = LoopedTransformer(tiny_config(causal=True))
+    a = torch.randint(0, 2, (1, 8))
+    b = a.clone()
+    b[0, 5:] = 1 - b[0, 5:]
+    assert torch.allclose(model(a)[0, :5], model(b)[0, :5], atol=1e-6)
+    assert not torch.allclose(model(a)[0, 5:], model(b)[0, 5:])
+
+
+def test_rope_model_runs_past_training_length_and_learned_does_not():
+    assert LoopedTransformer(tiny_config(pos='rope'))(torch.zeros(1, 40, dtype=torch.long)).shape == (1, 40, 2)
+    with pytest.raises(ValueError, match='exceeds block_size'):
+        LoopedTransformer(tiny_config(pos='learned'))(torch.zeros(1, 40, dtype=torch.long))
+
+
+@pytest.mark.parametrize('bad', [dict(recall='bogus'), dict(inner_norm='mid'), dict(d_model=15), dict(n_iters=0)])
+def test_bad_config_is_rejected(bad):
+    with pytest.raises(ValueError):
+        LoopedTransformer(tiny_config(**bad))
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+def test_prefix_sums_targets_are_prefix_parities():
+    x, y = tasks.PrefixSums().train_batch(20, 50, torch.Generator().manual_seed(0))
+    for bits, parity in zip(x.tolist(), y.tolist()):
+        running = 0
+        for b, p in zip(bits, parity):
+            running ^= b
+            assert p == running
+
+
+def test_prefix_sums_eval_sets_are_seeded_and_distinct():
+    t = tasks.PrefixSums()
+    assert torch.equal(t.eval_set(16, 8, seed=3)['x'], t.eval_set(16, 8, seed=3)['x'])
+    assert not torch.equal(t.eval_set(16, 8, seed=3)['x'], t.eval_set(16, 8, seed=4)['x'])
+
+
+def test_token_scores():
+    y = torch.tensor([[0, 1, 1], [1, 1, -100]])
+    logits = torch.nn.functional.one_hot(torch.tensor([[0, 1, 0], [1, 1, 0]]), 2).float()
+    s = tasks.token_scores(logits, y)
+    assert s['token'] == pytest.approx(4 / 5) and s['exact'] == pytest.approx(0.5)
+
+
+def test_cache_regenerates_stale_or_corrupt_files(tmp_path):
+    calls = []
+    build = lambda: calls.append(1) or {'x': torch.arange(5)}
+    assert torch.equal(tasks.cached('t', 1, {'n': 5}, build, tmp_path)['x'], torch.arange(5))
+    tasks.cached('t', 1, {'n': 5}, build, tmp_path)
+    assert len(calls) == 1                                     # second call read the cache
+    (path,) = tmp_path.glob('t_v1_*.pt')
+    path.write_bytes(path.read_bytes()[:50])                   # truncate: corrupt
+    assert torch.equal(tasks.cached('t', 1, {'n': 5}, build, tmp_path)['x'], torch.arange(5))
+    assert len(calls) == 2
+    blob = torch.load(path, weights_only=True)
+    blob['payload']['x'][0] = 7                                # edited content: checksum mismatch
+    torch.save(blob, path)
+    assert torch.equal(tasks.cached('t', 1, {'n': 5}, build, tmp_path)['x'], torch.arange(5))
+    assert len(calls) == 3
+
+
+def test_unknown_task_and_bad_difficulty():
+    with pytest.raises(tasks.TaskError, match='unknown task'):
+        tasks.get_task('nope')
+    with pytest.raises(tasks.TaskError):
+        tasks.PrefixSums().parse_difficulty('long')
+    with pytest.raises(tasks.TaskError):
+        tasks.PrefixSums().parse_difficulty('0')
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def quick_args(out_dir, *extra):
+    return ['--task', 'prefix_sums', '--out_dir', str(out_dir), '--d_model', '16', '--n_head', '2', '--n_iters', '3',
+            '--batch_size', '8', '--train_difficulty', '8', '--eval_n', '8', '--eval_difficulties', '8,16',
+            '--eval_iters', '3', '--log_interval', '1', '--eval_interval', '0', '--warmup_steps', '2', *extra]
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    train.main(quick_args(tmp_path, '--max_steps', '3'))
+    model = LoopedTransformer.from_checkpoint(tmp_path / 'ckpt.pt')
+    assert not model.training
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    again = LoopedTransformer(model.cfg)
+    again.load_state_dict(ckpt['model'])
+    idx = torch.randint(0, 2, (4, 12))
+    assert torch.equal(model(idx), again.eval()(idx))
+    assert ckpt['step'] == 3 and (tmp_path / 'eval.json').exists()
+
+
+def test_missing_and_corrupt_checkpoints_raise_one_line_errors(tmp_path):
+    with pytest.raises(CheckpointError, match='no checkpoint at'):
+        LoopedTransformer.from_checkpoint(tmp_path / 'nope.pt')
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='not a readable checkpoint'):
+        LoopedTransformer.from_checkpoint(bad)
+    train.main(quick_args(tmp_path, '--max_steps', '1'))
+    good = (tmp_path / 'ckpt.pt').read_bytes()
+    (tmp_path / 'cut.pt').write_bytes(good[:len(good) // 2])
+    with pytest.raises(CheckpointError) as err:
+        LoopedTransformer.from_checkpoint(tmp_path / 'cut.pt')
+    assert '\n' not in str(err.value)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--recall', 'bogus'], 'unknown recall'),
+    (['--task', 'nope'], 'unknown task'),
+    (['--d_model', '30', '--n_head', '4'], 'not divisible'),
+    (['--outer_norm', 'maybe'], 'expected true or false'),
+    (['--no_such_flag', '1'], 'unrecognized arguments'),
+    (['--resume'], 'cannot resume'),
+])
+def test_bad_flags_exit_with_one_line(tmp_path, args, message):
+    result = run_script('train.py', '--out_dir', str(tmp_path / 'run'), '--max_steps', '1', *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and 'Traceback' not in result.stderr
