@@ -218,3 +218,96 @@ def test_bad_flags_exit_with_one_line(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and 'Traceback' not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ robustness
+
+def logged_losses(stdout):
+    return [float(line.split('| loss ')[1].split()[0]) for line in stdout.splitlines() if line.startswith('step ')]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)['model']
+
+
+def start_and_interrupt(args, ckpt, sig):
+    """Start train.py, wait for its first checkpoint, then send `sig`; returns the finished process."""
+    import signal as _signal
+    import time
+    proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc, out, err
+
+
+@pytest.mark.parametrize('sig_name', ['SIGKILL', 'SIGINT'])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, sig_name):
+    """kill -9 (resume from the periodic checkpoint) or Ctrl-C (saves, exits 130), then --resume:
+    the final weights equal those of an uninterrupted run, bit for bit, and so do the logged losses."""
+    import signal as _signal
+    args = lambda d: quick_args(tmp_path / d, '--max_steps', '60', '--ckpt_interval', '5', '--eval_n', '4', '--eval_difficulties', '8')
+    full = run_script('train.py', *args('full'))
+    assert full.returncode == 0, full.stderr
+    proc, out, err = start_and_interrupt(args('cut'), tmp_path / 'cut' / 'ckpt.pt', getattr(_signal, sig_name))
+    if sig_name == 'SIGINT':
+        assert proc.returncode == 130 and 'interrupted: saved step' in out
+    cut_step = torch.load(tmp_path / 'cut' / 'ckpt.pt', weights_only=True)['step']
+    assert 0 < cut_step < 60, 'the run must be cut before its end for this test to mean anything'
+    resumed = run_script('train.py', *args('cut'), '--resume')
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'resuming' in resumed.stdout
+    a, b = weights(tmp_path / 'full' / 'ckpt.pt'), weights(tmp_path / 'cut' / 'ckpt.pt')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(full.stdout)[cut_step:] == logged_losses(resumed.stdout)
+
+
+def test_same_seed_same_losses(tmp_path):
+    one = run_script('train.py', *quick_args(tmp_path / 'a', '--max_steps', '5'))
+    two = run_script('train.py', *quick_args(tmp_path / 'b', '--max_steps', '5'))
+    assert logged_losses(one.stdout) == logged_losses(two.stdout) and len(logged_losses(one.stdout)) == 5
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    """Force the loss to NaN at the 7th step: the run stops with a one-line message naming the
+    last checkpoint (step 6), which is left intact and loadable."""
+    calls = []
+    original = train.ProgressiveLoss.forward
+
+    def diverging(self, *args, **kw):
+        calls.append(1)
+        loss, *rest = original(self, *args, **kw)
+        return (loss * float('nan') if len(calls) >= 7 else loss, *rest)
+    monkeypatch.setattr(train.ProgressiveLoss, 'forward', diverging)
+    with pytest.raises(SystemExit) as err:
+        train.main(quick_args(tmp_path, '--max_steps', '20', '--ckpt_interval', '3'))
+    assert 'loss is nan at step 6' in str(err.value) and 'step 6' in str(err.value).split('checkpoint')[1]
+    model = LoopedTransformer.from_checkpoint(tmp_path / 'ckpt.pt')
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    train.main(quick_args(tmp_path, '--max_steps', '2'))
+    for extra, field in ((['--d_model', '32'], 'd_model'), (['--lr', '0.5'], 'lr')):
+        result = run_script('train.py', *quick_args(tmp_path, '--max_steps', '4', '--resume', *extra))
+        assert result.returncode != 0 and field in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    again = run_script('train.py', *quick_args(tmp_path, '--max_steps', '4'))
+    assert again.returncode != 0 and 'already exists' in again.stderr
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo), each on half of the same global batch, logs the same
+    losses and ends at the same weights as one process (to float round-off)."""
+    one = run_script('train.py', *quick_args(tmp_path / 'one', '--max_steps', '8'))
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py',
+                          *quick_args(tmp_path / 'two', '--max_steps', '8', '--device', 'cpu')],
+                         cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert 'x2' in two.stdout
+    l1, l2 = logged_losses(one.stdout), logged_losses(two.stdout)
+    assert len(l1) == len(l2) == 8 and l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+    a, b = weights(tmp_path / 'one' / 'ckpt.pt'), weights(tmp_path / 'two' / 'ckpt.pt')
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

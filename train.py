@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-import sys
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from looped import LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, config_from_dict
+from looped import LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint
 from tasks import get_task, token_scores, TaskError
 
 
@@ -270,6 +270,13 @@ def save_checkpoint(path, model, optimizer, tc, step, gen):
     os.replace(tmp, path)
 
 
+def write_json(path, obj):
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 RESUME_MAY_CHANGE = {'out_dir', 'resume', 'overwrite', 'device', 'compile', 'max_steps', 'log_interval', 'eval_interval',
                      'ckpt_interval', 'eval_n', 'eval_difficulties', 'eval_iters', 'eval_batch', 'peak_flops'}
 
@@ -349,60 +356,64 @@ def main(argv=None):
     ctx = autocast_context(tc, device)
     peak = peak_flops(tc, device)
     local_b = tc.batch_size // world
-    last_good = step if tc.resume else None
+    last_good = step if tc.resume else None                       # newest checkpoint whose weights are finite
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # Ctrl-C: finish the step, save, exit
     t_log, steps_since_log = time.time(), 0
-    try:
-        while step < tc.max_steps:
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            x, y = task.train_batch(train_diff, tc.batch_size, gen)       # global batch, then this rank's shard
-            n, k = draw_n_k(cfg.n_iters, gen)
-            x, y = x[rank * local_b:(rank + 1) * local_b].to(device), y[rank * local_b:(rank + 1) * local_b].to(device)
-            model.train()
-            with ctx:
-                loss, logits, fwd_iters, grad_iters = loss_module(x, y, n, k, gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            loss_value = loss.detach()
-            if world > 1:
-                torch.distributed.all_reduce(loss_value, op=torch.distributed.ReduceOp.AVG)
-            loss_value = loss_value.item()
-            if not math.isfinite(loss_value):
-                kept = f"the last good checkpoint (step {last_good}) is kept in {path}" if last_good is not None else "no checkpoint was written"
-                raise SystemExit(f"train.py: error: loss is {loss_value} at step {step}; stopping, {kept}")
-            optimizer.step()
-            step += 1
-            steps_since_log += 1
-            if master and (step % tc.log_interval == 0 or step == tc.max_steps):
-                dt = (time.time() - t_log) / steps_since_log
-                acc = token_scores(logits.detach().float().cpu(), y.cpu())['exact']   # whole-sequence, on this batch
-                flops = tc.batch_size * model.flops_per_iter(x.size(1)) * (fwd_iters + 2 * grad_iters)
-                mfu = f"{100 * flops / dt / peak:.1f}%" if peak else '-'
-                print(f"step {step:5d} | loss {loss_value:.4f} | acc {100 * acc:5.1f}% | lr {lr:.2e} | "
-                      f"{1000 * dt:.1f} ms/step | {tc.batch_size / dt:.0f} ex/s | mfu {mfu}", flush=True)
-                t_log, steps_since_log = time.time(), 0
-            if master and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.max_steps:
-                split = task.eval_set(train_diff, min(tc.eval_n, 256), tc.seed + 1)
-                s = evaluate(model, task, split, [cfg.n_iters], tc.eval_batch, ctx)[cfg.n_iters]
-                print(f"eval step {step} | {task.headline} {100 * s[task.headline]:.1f}% on {train_diff} at {cfg.n_iters} iters")
-            if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps:
-                if master:
-                    save_checkpoint(path, model, optimizer, tc, step, gen)
-                last_good = step
-    except KeyboardInterrupt:
-        if master:
-            save_checkpoint(path, model, optimizer, tc, step, gen)
-            print(f"\ninterrupted: saved step {step} to {path}; continue with --resume")
-        raise SystemExit(130)
+    while step < tc.max_steps:
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        x, y = task.train_batch(train_diff, tc.batch_size, gen)           # the global batch; this rank takes its shard
+        n, k = draw_n_k(cfg.n_iters, gen)
+        x, y = x[rank * local_b:(rank + 1) * local_b].to(device), y[rank * local_b:(rank + 1) * local_b].to(device)
+        model.train()
+        with ctx:
+            loss, logits, fwd_iters, grad_iters = loss_module(x, y, n, k, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        shared = torch.tensor([loss.item(), float(bool(interrupted))], device=device)  # every rank agrees on the loss and on stopping
+        if world > 1:
+            torch.distributed.all_reduce(shared)
+        loss_value, stop = shared[0].item() / world, shared[1].item() > 0
+        if not math.isfinite(loss_value):
+            kept = f"the last good checkpoint (step {last_good}) is kept in {path}" if last_good is not None else "no checkpoint was written"
+            raise SystemExit(f"train.py: error: loss is {loss_value} at step {step}; stopping, {kept}")
+        optimizer.step()
+        step += 1
+        steps_since_log += 1
+        if master and (step % tc.log_interval == 0 or step == tc.max_steps):
+            dt = (time.time() - t_log) / steps_since_log
+            acc = token_scores(logits.detach().float().cpu(), y.cpu())['exact']   # whole sequences, this batch
+            flops = tc.batch_size * model.flops_per_iter(x.size(1)) * (fwd_iters + 2 * grad_iters)  # the loop counted
+            mfu = f"{100 * flops / dt / peak:.1f}%" if peak else '-'
+            print(f"step {step:5d} | loss {loss_value:.4f} | acc {100 * acc:5.1f}% | lr {lr:.2e} | "
+                  f"{1000 * dt:.1f} ms/step | {tc.batch_size / dt:.0f} ex/s | mfu {mfu}", flush=True)
+            t_log, steps_since_log = time.time(), 0
+        if master and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.max_steps:
+            split = task.eval_set(train_diff, min(tc.eval_n, 256), tc.seed + 1)
+            score = evaluate(model, task, split, [cfg.n_iters], tc.eval_batch, ctx)[cfg.n_iters]
+            print(f"eval step {step} | {task.headline} {100 * score[task.headline]:.1f}% on {train_diff} at {cfg.n_iters} iters")
+        if stop or (tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps):
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise SystemExit(f"train.py: error: weights are not finite at step {step}; stopping, "
+                                 f"the last good checkpoint (step {last_good}) is kept in {path}")
+            if master:
+                save_checkpoint(path, model, optimizer, tc, step, gen)
+            last_good = step
+        if stop:
+            if master:
+                print(f"interrupted: saved step {step} to {path}; continue with --resume")
+            raise SystemExit(130)
+    signal.signal(signal.SIGINT, previous_handler)
     if master:
         save_checkpoint(path, model, optimizer, tc, step, gen)
         print(f"saved {path} (step {step})")
         rows = final_table(model, task, tc, cfg, ctx)
-        with open(os.path.join(tc.out_dir, 'eval.json'), 'w') as f:
-            json.dump({'config': {'model': asdict(cfg), 'train': asdict(tc)}, 'step': step, 'headline': task.headline, 'rows': rows}, f, indent=1)
+        write_json(os.path.join(tc.out_dir, 'eval.json'),
+                   {'config': {'model': asdict(cfg), 'train': asdict(tc)}, 'step': step, 'headline': task.headline, 'rows': rows})
     if world > 1:
         torch.distributed.destroy_process_group()
 
