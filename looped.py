@@ -74,13 +74,17 @@ class Rotary(nn.Module):
     def __init__(self, head_dim, base=10000.0):
         super().__init__()
         self.register_buffer('inv_freq', base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        self.cache = None  # (T, device, dtype, cos, sin): the loop calls us with the same T every iteration
 
     def forward(self, x):  # x: (B, H, T, hd)
         T = x.size(-2)
-        angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq)  # (T, hd/2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        if self.cache is None or self.cache[:3] != (T, x.device, x.dtype):
+            angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq)  # (T, hd/2)
+            angles = torch.cat((angles, angles), dim=-1)                                                  # (T, hd)
+            self.cache = (T, x.device, x.dtype, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        cos, sin = self.cache[3:]
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin     # rotate pairs (x1_j, x2_j) by angle_j
 
 
 class SelfAttention(nn.Module):
@@ -91,29 +95,25 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.pos == 'rope' else None
+        self.mask_cache = None
 
-    def mask(self, T, device):
-        """Boolean (T, T) mask, True where query i may attend to key j; None for full attention."""
-        if not self.causal and not self.window:
-            return None
+    def window_mask(self, T, device):
+        """Boolean (T, T), True where query i may attend to key j: |i - j| < window, and j <= i if causal."""
         offset = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]  # i - j
-        allowed = torch.ones(T, T, dtype=torch.bool, device=device)
-        if self.causal:
-            allowed &= offset >= 0
-        if self.window:
-            allowed &= offset < self.window if self.causal else offset.abs() < self.window
-        return allowed
+        allowed = offset.abs() < self.window
+        return allowed & (offset >= 0) if self.causal else allowed
 
     def forward(self, x):  # x: (B, T, d)
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        mask = self.mask(T, x.device)
-        if self.causal and not self.window:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # fused causal kernel
+        if self.window:
+            if self.mask_cache is None or self.mask_cache.shape[0] != T or self.mask_cache.device != x.device:
+                self.mask_cache = self.window_mask(T, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_cache)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, d)
 
 

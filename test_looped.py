@@ -37,22 +37,22 @@ def test_every_variant_builds_and_shapes(recall, inner, outer):
 
 @pytest.mark.parametrize('recall,inner,outer', list(itertools.product(RECALLS, INNER_NORMS, (True, False))))
 def test_every_variant_trains(recall, inner, outer):
-    """30 Adam steps on one fixed batch lower the progressive loss, for all 18 variants. The target,
+    """60 Adam steps on one fixed batch halve the progressive loss, for all 18 variants. The target,
     the previous bit, needs attention and positions, so every part of the block must learn."""
     torch.manual_seed(0)
     model = LoopedTransformer(tiny_config(recall=recall, inner_norm=inner, outer_norm=outer))
     loss_fn = train.ProgressiveLoss(model, alpha=0.5, tbptt=0)
     x = torch.randint(0, 2, (16, 6), generator=torch.Generator().manual_seed(0))
     y = torch.cat((torch.full((16, 1), -100), x[:, :-1]), 1)            # y_i = x_{i-1}
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(60):
         loss = loss_fn(x, y, 1, 2)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
 def test_n_iters_counts_block_applications():
