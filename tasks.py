@@ -149,7 +149,7 @@ DIGIT_BITS = [[1 << d for d in range(9) if m >> d & 1] for m in range(512)]
 UNITS = ([[r * 9 + c for c in range(9)] for r in range(9)] + [[r * 9 + c for r in range(9)] for c in range(9)] +
          [[(b // 3 * 3 + i // 3) * 9 + b % 3 * 3 + i % 3 for i in range(9)] for b in range(9)])  # rows, columns, boxes
 CELL_UNITS = [[u for u in range(27) if i in UNITS[u]] for i in range(81)]
-NODE_BUDGET = 2000       # search nodes per solve; a puzzle that needs more is discarded (never seen in practice)
+NODE_BUDGET = 2000       # search nodes per solve; a puzzle that needs more is discarded
 MAX_ATTEMPTS = 200       # fresh grids per puzzle before a tier is declared unreachable
 SUDOKU_VERSION = 1       # bump when generation changes: cached pools are rebuilt
 TRAIN_SEED = 0           # training pools; evaluation pools use the run's seed (and the other grid class)
@@ -171,11 +171,13 @@ class OverBudget(Exception):
     pass
 
 
-def propagate(c):
+def propagate(c, start=range(27)):
     """Naked and hidden singles on c (81 candidate masks, changed in place) until nothing changes.
     Returns False on a contradiction (a cell or a digit with no place left, a digit twice in a unit).
-    A unit is re-examined only after one of its cells changed (the fixpoint is the same in any order)."""
-    todo, queued = list(range(27)), [True] * 27        # units to examine
+    Units are examined from `start`, and again only after one of their cells changed (the fixpoint
+    is the same in any order)."""
+    todo = list(start)                                  # units to examine
+    queued = [u in todo for u in range(27)]
     while todo:
         u = todo.pop()
         queued[u], unit = False, UNITS[u]
@@ -223,12 +225,12 @@ def sudoku_search(grid, limit=2, budget=NODE_BUDGET, rng=None):
     rng shuffles the digits tried at a branch (to draw random grids). Raises OverBudget."""
     solutions, nodes, guesses = [], 0, 0
 
-    def dfs(c):
+    def dfs(c, start=range(27)):
         nonlocal nodes, guesses
         nodes += 1
         if nodes > budget:
             raise OverBudget
-        if not propagate(c):
+        if not propagate(c, start):
             return
         best, fewest = -1, 10
         for i in range(81):
@@ -247,7 +249,7 @@ def sudoku_search(grid, limit=2, budget=NODE_BUDGET, rng=None):
                 return
             child = c.copy()
             child[best] = digits[j]
-            dfs(child)
+            dfs(child, CELL_UNITS[best])               # the parent was a fixpoint: only best's units can change
 
     dfs([ALL_DIGITS if v == 0 else 1 << (v - 1) for v in grid])
     return solutions, guesses
@@ -290,7 +292,8 @@ def random_grid(rng):
     for box in (18, 22, 26):
         for cell, digit in zip(UNITS[box], rng.permutation(9) + 1):
             grid[cell] = int(digit)
-    return sudoku_search(grid, limit=1, rng=rng)[0][0]
+    solutions = sudoku_search(grid, limit=1, rng=rng)[0]
+    return solutions[0] if solutions else None
 
 
 def make_puzzle(job):
@@ -301,7 +304,7 @@ def make_puzzle(job):
     for _ in range(MAX_ATTEMPTS):
         try:
             solution = random_grid(rng)
-            if grid_class(solution) != want_class:
+            if solution is None or grid_class(solution) != want_class:
                 continue
             puzzle, clues, target = list(solution), 81, rng.integers(lo, hi + 1)
             for i in rng.permutation(81):
@@ -402,14 +405,17 @@ class Sudoku:
 
     def __init__(self, cache_dir=None):
         self.cache_dir, self.pools = cache_dir, {}
-        size = os.environ.get('LOOPED_SUDOKU_POOL', '10000')   # base puzzles in a training pool
+        size = os.environ.get('LOOPED_SUDOKU_POOL', '5000')   # base puzzles in a training pool
         if not size.isdigit() or int(size) < 1:
             raise TaskError(f"LOOPED_SUDOKU_POOL must be a positive integer, got {size!r}")
         self.pool_size = int(size)
 
     def model_defaults(self, tier):
+        # easy puzzles need about 5 (at most 10) rounds of parallel singles, medium 9 (20), tough 16 (28):
+        # 16 iterations cover the training tier, harder tiers need more at test time. d_model 64 keeps a
+        # CPU step near a second (batch 32); on a GPU, raise d_model and batch_size.
         return dict(vocab_size=10, n_classes=9, block_size=81, pos='learned', causal=False, scale_iters=False,
-                    d_model=128, n_head=4, n_iters=16)
+                    d_model=64, n_head=4, n_iters=16)
 
     def parse_difficulty(self, s):
         sudoku_tier(s)
