@@ -340,6 +340,8 @@ def generate_sudoku(tier, split, n, seed, workers=1, verbose=True):
     clues, guesses = sudoku_tier(tier)
     if n < 1:
         raise TaskError(f"a sudoku pool needs at least 1 puzzle, got {n}")
+    if split not in ('train', 'test'):
+        raise TaskError(f"a sudoku pool is for 'train' or 'test', got {split!r}")
     tag = [zlib.crc32(tier.encode()), zlib.crc32(split.encode()), seed % 2 ** 63]
     jobs = [(clues, guesses, int(split == 'test'), tag + [i]) for i in range(n)]
     pool = multiprocessing.Pool(workers) if workers > 1 else None
@@ -405,6 +407,8 @@ class Sudoku:
 
     def __init__(self, cache_dir=None):
         self.cache_dir, self.pools = cache_dir, {}
+        for tier in SUDOKU_TIERS:                       # an impossible tier fails here, not mid-run
+            sudoku_tier(tier)
         size = os.environ.get('LOOPED_SUDOKU_POOL', '5000')   # base puzzles in a training pool
         if not size.isdigit() or int(size) < 1:
             raise TaskError(f"LOOPED_SUDOKU_POOL must be a positive integer, got {size!r}")

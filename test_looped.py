@@ -265,6 +265,8 @@ def test_sudoku_bad_input_is_a_one_line_error(monkeypatch):
         monkeypatch.setitem(tasks.SUDOKU_TIERS, 'bad', bad)
         with pytest.raises(tasks.TaskError, match='need 17 <= clues <= 81'):
             tasks.sudoku_pool('bad', 'train', 2, 0, verbose=False)
+        with pytest.raises(tasks.TaskError, match="tier 'bad'"):
+            tasks.Sudoku()
     with pytest.raises(tasks.TaskError, match='at least 1 puzzle'):
         tasks.generate_sudoku('easy', 'train', 0, 0)
     monkeypatch.setitem(tasks.SUDOKU_TIERS, 'bad', ((45, 45), (5, 5)))     # unreachable: gives up, never hangs
