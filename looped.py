@@ -87,6 +87,13 @@ class Rotary(nn.Module):
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin     # rotate pairs (x1_j, x2_j) by angle_j
 
 
+def window_mask(T, window, causal, device=None):
+    """Boolean (T, T), True where query i may attend to key j: |i - j| < window, and j <= i if causal."""
+    offset = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]  # i - j
+    allowed = offset.abs() < window
+    return allowed & (offset >= 0) if causal else allowed
+
+
 class SelfAttention(nn.Module):
 
     def __init__(self, cfg):
@@ -97,12 +104,6 @@ class SelfAttention(nn.Module):
         self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.pos == 'rope' else None
         self.mask_cache = None
 
-    def window_mask(self, T, device):
-        """Boolean (T, T), True where query i may attend to key j: |i - j| < window, and j <= i if causal."""
-        offset = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]  # i - j
-        allowed = offset.abs() < self.window
-        return allowed & (offset >= 0) if self.causal else allowed
-
     def forward(self, x):  # x: (B, T, d)
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
@@ -110,7 +111,7 @@ class SelfAttention(nn.Module):
             q, k = self.rotary(q), self.rotary(k)
         if self.window:
             if self.mask_cache is None or self.mask_cache.shape[0] != T or self.mask_cache.device != x.device:
-                self.mask_cache = self.window_mask(T, x.device)
+                self.mask_cache = window_mask(T, self.window, self.causal, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_cache)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)

@@ -1,0 +1,170 @@
+"""
+Benchmarks, measured here rather than asserted in tests; each compares within one run, since
+machines are shared and noisy:
+
+    python bench.py step        # training step: our block vs torch.nn.TransformerEncoderLayer, same loop
+    python bench.py step --device cuda --dtype bfloat16 --compile
+    python bench.py sudoku      # augmented training puzzles/s, base puzzles/s per tier (1 and 2 workers)
+
+A benchmark is a function bench_<name>(args) printing a small table; add it to BENCHMARKS at the bottom.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tasks
+from looped import LoopedConfig, LoopedTransformer, window_mask
+
+
+def per_second(fn, items, min_seconds=1.0):
+    """items processed per second by repeated calls of fn() (each handling `items`), over at least min_seconds."""
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        fn()
+        calls += 1
+    return calls * items / (time.perf_counter() - t0)
+
+
+def bench_sudoku(args):
+    # (a) training batches: augmented transforms of base puzzles drawn from a training pool
+    with tempfile.TemporaryDirectory() as cache_dir:
+        task = tasks.Sudoku(cache_dir=cache_dir)
+        task.pool_size = 200
+        task.train_batch('easy', 1, torch.Generator())    # builds the pool (not timed)
+        gen = torch.Generator().manual_seed(0)
+        print(f"\n{'train_batch':>12} | {'puzzles/s':>10}")
+        for batch in (64, 1024):
+            rate = per_second(lambda: task.train_batch('easy', batch, gen), batch)
+            print(f"{'batch ' + str(batch):>12} | {rate:10.0f}")
+
+    # (b) base puzzles per tier, generated from scratch (no cache), in 1 and 2 worker processes
+    sizes = {'easy': 100, 'medium': 100, 'tough': 24, 'hard': 24, 'expert': 16}
+    print(f"\n{'tier':>8} | {'puzzles':>7} | {'1 worker /s':>11} | {'2 workers /s':>12} | {'clues':>5} | {'guesses':>7}")
+    for tier, n in sizes.items():
+        rates = []
+        for workers in (1, 2):
+            t0 = time.perf_counter()
+            pool = tasks.generate_sudoku(tier, 'test', n, 0, workers=workers, verbose=False)
+            rates.append(n / (time.perf_counter() - t0))
+        clues = (pool['puzzles'] > 0).sum(1).float().mean()
+        guesses = pool['guesses'].float().mean()
+        print(f"{tier:>8} | {n:7d} | {rates[0]:11.1f} | {rates[1]:12.1f} | {clues:5.1f} | {guesses:7.2f}")
+
+
+# ----------------------------------------------------------------------------------------- step
+
+class TorchLayerLoop(nn.Module):
+    """The baseline: the same loop (embedding, standard recall W [h ; e], outer LayerNorm, readout)
+    around PyTorch's own nn.TransformerEncoderLayer (pre-norm, GELU, no dropout) instead of our Block.
+    It has no rotary positions, so it gets learned absolute ones."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, d = cfg, cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.pos_emb = nn.Embedding(cfg.block_size, d)
+        self.recall_proj = nn.Linear(2 * d, d, bias=cfg.bias)
+        self.block = nn.TransformerEncoderLayer(d, cfg.n_head, cfg.mlp_ratio * d, dropout=0.0, activation='gelu',
+                                                batch_first=True, norm_first=True, bias=cfg.bias)
+        self.ln_out, self.ln_f = nn.LayerNorm(d, bias=cfg.bias), nn.LayerNorm(d, bias=cfg.bias)
+        self.head = nn.Linear(d, cfg.n_classes, bias=cfg.bias)
+
+    def embed(self, idx):
+        return self.tok_emb(idx) + self.pos_emb(torch.arange(idx.size(1), device=idx.device))
+
+    def initial_state(self, e, generator=None):
+        return e
+
+    def step(self, h, e):
+        T, cfg = h.size(1), self.cfg
+        if cfg.window:
+            mask = ~window_mask(T, cfg.window, cfg.causal, h.device)       # True = masked, nn.Transformer's convention
+        else:
+            mask = nn.Transformer.generate_square_subsequent_mask(T, device=h.device) if cfg.causal else None
+        return self.ln_out(self.block(self.recall_proj(torch.cat((h, e), -1)), src_mask=mask,
+                                      is_causal=cfg.causal and not cfg.window))
+
+    def readout(self, h):
+        return self.head(self.ln_f(h))
+
+
+def time_train_steps(model, x, y, n_iters, repeats, ctx, step_fn=None):
+    """Median seconds of one training step: n_iters iterations with full backprop, CE, AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_fn = step_fn or model.step
+    times = []
+    for r in range(repeats + 2):                                 # two warm-up steps (allocations, compilation)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with ctx:
+            e = model.embed(x)
+            h = model.initial_state(e)
+            for _ in range(n_iters):
+                h = step_fn(h, e)
+            loss = F.cross_entropy(model.readout(h).flatten(0, 1).float(), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if r >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+STEP_CONFIGS = {  # name: (LoopedConfig fields, batch size)
+    'readme': (dict(vocab_size=2, n_classes=2, block_size=32, d_model=64, n_head=4, n_iters=16, causal=True), 64),
+    'large': (dict(vocab_size=2, n_classes=2, block_size=128, d_model=256, n_head=8, n_iters=8, causal=True), 16),
+}
+
+
+def bench_step(args):
+    """Training step of LoopedTransformer vs the TorchLayerLoop baseline, same loop, same sizes.
+    Rounds alternate the two models; the ratio is taken within each round, then the median."""
+    device = torch.device(args.device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == 'bfloat16' else nullcontext()
+    print(f"device {device} | threads {torch.get_num_threads()} | dtype {args.dtype} | compile {args.compile} | "
+          f"{args.rounds} rounds x {args.repeats} steps, medians")
+    print(f"{'config':>8} | {'ours ms':>8} | {'torch layer ms':>14} | {'ratio ours/torch':>16}")
+    for name in args.configs.split(','):
+        if name not in STEP_CONFIGS:
+            raise SystemExit(f"bench.py: error: unknown step config {name!r}; choose from {', '.join(STEP_CONFIGS)}")
+        fields, batch = STEP_CONFIGS[name]
+        cfg = LoopedConfig(**{**fields, **({'window': args.window} if args.window else {})})
+        torch.manual_seed(0)
+        models = {'ours': LoopedTransformer(cfg).to(device), 'torch': TorchLayerLoop(cfg).to(device)}
+        steps = {k: torch.compile(m.step) if args.compile else m.step for k, m in models.items()}
+        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
+        y = torch.randint(0, cfg.n_classes, (batch, cfg.block_size), device=device)
+        times = {'ours': [], 'torch': []}
+        for _ in range(args.rounds):
+            for k in times:
+                times[k].append(time_train_steps(models[k], x, y, cfg.n_iters, args.repeats, ctx, steps[k]))
+        ratio = statistics.median(a / b for a, b in zip(times['ours'], times['torch']))
+        print(f"{name:>8} | {1e3 * statistics.median(times['ours']):8.2f} | {1e3 * statistics.median(times['torch']):14.2f} | {ratio:16.3f}")
+
+
+BENCHMARKS = {'step': bench_step, 'sudoku': bench_sudoku}
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('name', help=f"one of: {', '.join(BENCHMARKS)}")
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='step: device')
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='step: autocast dtype')
+    parser.add_argument('--compile', action='store_true', help='step: torch.compile the loop body of both models')
+    parser.add_argument('--configs', default='readme,large', help=f"step: comma list of {', '.join(STEP_CONFIGS)}")
+    parser.add_argument('--window', type=int, default=0, help='step: attention window for both models (0 = full)')
+    parser.add_argument('--rounds', type=int, default=5, help='step: alternating rounds')
+    parser.add_argument('--repeats', type=int, default=5, help='step: timed steps per round (after 2 warm-up steps)')
+    args = parser.parse_args()
+    if args.name not in BENCHMARKS:
+        raise SystemExit(f"bench.py: error: unknown benchmark {args.name!r}; choose one of {', '.join(BENCHMARKS)}")
+    BENCHMARKS[args.name](args)
