@@ -40,6 +40,8 @@ def test_every_variant_builds_and_shapes(recall, inner, outer):
 import json
 import math
 
+from torch.nn.attention import sdpa_kernel, SDPBackend
+
 import analyze
 
 
@@ -67,6 +69,10 @@ def test_analyze_linear_toy_matches_exact_linear_algebra():
     h_exact = torch.linalg.solve(torch.eye(N, dtype=torch.float64) - A, C @ x.flatten(1)[..., None])[..., 0]
     assert torch.allclose(h.flatten(1), h_exact, atol=1e-10) and res[-1].max() < 1e-12
     assert torch.allclose(torch.linalg.eigvals(A).abs().max(1).values, radii)        # the toy is what it claims
+    _, _, h_halt, t_halt = analyze.iterate(F, h0, x, 1000, halt_tol=1e-6)               # adaptive halting
+    for b, t in enumerate(t_halt.tolist()):
+        assert res[t - 1, b] < 1e-6 <= res[:t - 1, b].min()
+        assert torch.equal(h_halt[b], analyze.iterate(F, h0, x, t)[0][b])
 
     torch.manual_seed(0)
     rho, ok, power_off = analyze.spectral_radius(F, h, x, power_iters=20, krylov=12, tol=1e-6)
@@ -132,8 +138,9 @@ def test_analyze_ift_sensitivity_matches_finite_differences_on_a_real_model():
 
 def test_analyze_jacobian_estimates_match_the_dense_jacobian_of_a_real_model():
     model, e, h = contractive_model(seed=1)
-    dense = torch.stack([torch.func.jacrev(lambda z: model.step(z.view_as(h[b:b + 1]), e[b:b + 1]).flatten())(h[b].flatten())
-                         for b in range(len(h))])                # (B, N, N): tiny, so it can be built here
+    with sdpa_kernel(SDPBackend.MATH):                          # (B, N, N): tiny, so it can be built here
+        dense = torch.stack([torch.func.jacrev(lambda z: model.step(z.view_as(h[b:b + 1]), e[b:b + 1]).flatten())(h[b].flatten())
+                             for b in range(len(h))])
     N = dense.size(1)
     rho = analyze.spectral_radius(model.step, h, e, krylov=N, tol=1e-9)[0]
     assert torch.allclose(rho, torch.linalg.eigvals(dense).abs().max(1).values, rtol=1e-6)
