@@ -49,7 +49,7 @@ def linear_toy(B=3, N=24, P=12, seed=0):
     """F(h, x) = A_b h + C_b x per example b (float64), with A_b = S D S^{-1} non-normal: a dominant
     complex pair r_b e^{+-i theta_b}, every other eigenvalue inside |z| <= 0.5. Shapes h (B, 4, N/4), x (B, 4, P/4)."""
     g = torch.Generator().manual_seed(seed)
-    radii, A = [0.9, 0.8, 0.95][:B], []
+    radii, A = [0.9, 0.8, 0.85][:B], []
     for r, theta in zip(radii, (0.7, 2.0, 1.2)):
         D = torch.diag(torch.rand(N, generator=g, dtype=torch.float64) - 0.5)
         D[:2, :2] = r * torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
@@ -65,11 +65,11 @@ def test_analyze_linear_toy_matches_exact_linear_algebra():
     F, A, C, x, radii = linear_toy()
     B, N = A.shape[:2]
     h0 = torch.zeros(B, 4, N // 4, dtype=torch.float64)
-    h, res, _, _ = analyze.iterate(F, h0, x, 1000)
+    h, res, _, _ = analyze.iterate(F, h0, x, 500)
     h_exact = torch.linalg.solve(torch.eye(N, dtype=torch.float64) - A, C @ x.flatten(1)[..., None])[..., 0]
     assert torch.allclose(h.flatten(1), h_exact, atol=1e-10) and res[-1].max() < 1e-12
     assert torch.allclose(torch.linalg.eigvals(A).abs().max(1).values, radii)        # the toy is what it claims
-    _, _, h_halt, t_halt = analyze.iterate(F, h0, x, 1000, halt_tol=1e-6)               # adaptive halting
+    _, _, h_halt, t_halt = analyze.iterate(F, h0, x, 500, halt_tol=1e-6)               # adaptive halting
     for b, t in enumerate(t_halt.tolist()):
         assert res[t - 1, b] < 1e-6 <= res[:t - 1, b].min()
         assert torch.equal(h_halt[b], analyze.iterate(F, h0, x, t)[0][b])
@@ -88,10 +88,10 @@ def test_analyze_linear_toy_matches_exact_linear_algebra():
     ift, ift_ok = analyze.ift_sensitivity(F, h, x, v, krylov=8, restarts=20, tol=1e-10)  # restarts exercised
     dh = torch.linalg.solve(I - A, C @ v.flatten(1)[..., None])[..., 0]
     assert torch.allclose(ift, dh.norm(dim=1) / v.flatten(1).norm(dim=1), rtol=1e-8) and ift_ok.all()
-    fd = analyze.fd_sensitivity(F, lambda e: torch.zeros_like(h0), x, h, v, 1000, eps=1e-3)
+    fd = analyze.fd_sensitivity(F, lambda e: torch.zeros_like(h0), x, h, v, 500, eps=1e-3)
     assert torch.allclose(fd, ift, rtol=1e-8)
 
-    for cos in analyze.alignment(F, x, h, 1000).values():        # contraction: every start lands on h*
+    for cos in analyze.alignment(F, x, h, 500).values():        # contraction: every start lands on h*
         assert (cos > 1 - 1e-10).all()
 
 
@@ -113,14 +113,13 @@ def test_analyze_input_independent_rotation_is_path_dependent():
     assert (cos['zeros'] == 0).all() and torch.stack(list(cos.values())).mean() < 0.5
 
 
-def contractive_model(seed=0):
+def contractive_model(seed=0, B=3, T=8):
     """Tiny recall-standard + outer-norm model in float64, the state's share of the recall projection scaled down
     so that the loop contracts (a fixed point is reached)."""
     torch.manual_seed(seed)
     model = LoopedTransformer(tiny_config(recall='standard', outer_norm=True)).double().requires_grad_(False)
     model.recall_proj.weight[:, :16] *= 0.02
-    x = torch.randint(0, 2, (3, 8))
-    e = model.embed(x)
+    e = model.embed(torch.randint(0, 2, (B, T)))
     h, res, _, _ = analyze.iterate(model.step, model.initial_state(e), e, 200)
     assert res[-1].max() < 1e-10, 'the loop must reach its fixed point for these checks to mean anything'
     return model, e, h
@@ -137,7 +136,7 @@ def test_analyze_ift_sensitivity_matches_finite_differences_on_a_real_model():
 
 
 def test_analyze_jacobian_estimates_match_the_dense_jacobian_of_a_real_model():
-    model, e, h = contractive_model(seed=1)
+    model, e, h = contractive_model(seed=1, B=2, T=4)
     with sdpa_kernel(SDPBackend.MATH):                          # (B, N, N): tiny, so it can be built here
         dense = torch.stack([torch.func.jacrev(lambda z: model.step(z.view_as(h[b:b + 1]), e[b:b + 1]).flatten())(h[b].flatten())
                              for b in range(len(h))])
@@ -175,7 +174,7 @@ def test_analyze_cli_end_to_end_with_json_and_a_diverged_checkpoint(tmp_path):
     save_tiny_checkpoint(tmp_path / 'good.pt')
     save_tiny_checkpoint(tmp_path / 'nan.pt', poison=True)
     out = tmp_path / 'diag.json'
-    r = run_script('analyze.py', str(tmp_path / 'good.pt'), str(tmp_path / 'nan.pt'), '--batch', '4', '--hard', '16',
+    r = run_script('analyze.py', str(tmp_path / 'good.pt'), str(tmp_path / 'nan.pt'), '--batch', '4', '--hard', '16', '--power_iters', '3', '--krylov', '6',
                    '--json', str(out), '--plot', str(tmp_path / 'figs'))
     assert r.returncode == 0, r.stderr
     def no_nan(s):
