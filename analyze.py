@@ -395,8 +395,9 @@ def main(argv=None):
     paths, cfg = parse_args(argv)
     if min(cfg.batch, cfg.power_iters, cfg.krylov) < 1 or cfg.reach_mult <= 0:
         raise SystemExit("analyze.py: error: need batch, power_iters, krylov >= 1 and reach_mult > 0")
-    if cfg.device.startswith('cuda') and not torch.cuda.is_available() or cfg.device == 'mps' and not torch.backends.mps.is_available():
-        raise SystemExit(f"analyze.py: error: --device {cfg.device} asked for, but it is not available")
+    if not (cfg.device == 'cpu' or cfg.device.startswith('cuda') and torch.cuda.is_available()
+            or cfg.device == 'mps' and torch.backends.mps.is_available()):
+        raise SystemExit(f"analyze.py: error: --device {cfg.device} is unknown or not available here")
     try:
         checkpoints = [prepare(path, cfg) for path in paths]    # every file checked before the long part
         records = []
@@ -407,12 +408,15 @@ def main(argv=None):
         raise SystemExit(f"analyze.py: error: {str(err).splitlines()[0]}")
     if len(records) > 1:
         print_comparison(records)
-    if cfg.json:
-        with open(cfg.json, 'w') as f:
-            json.dump({'config': asdict(cfg), 'checkpoints': records}, f, indent=1, allow_nan=False)
-        print(f"wrote {cfg.json}")
-    if cfg.plot:
-        plot(records, cfg.plot)
+    try:
+        if cfg.json:
+            with open(cfg.json, 'w') as f:
+                json.dump({'config': asdict(cfg), 'checkpoints': records}, f, indent=1, allow_nan=False)
+            print(f"wrote {cfg.json}")
+        if cfg.plot:
+            plot(records, cfg.plot)
+    except OSError as err:
+        raise SystemExit(f"analyze.py: error: cannot write {err.filename}: {err.strerror}")
 
 
 if __name__ == '__main__':
