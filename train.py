@@ -77,7 +77,7 @@ def str2bool(s):
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(2, f"train.py: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):
