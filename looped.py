@@ -27,7 +27,7 @@ import torch.nn.functional as F
 RECALLS = ('none', 'standard', 'internal')
 INNER_NORMS = ('pre', 'post', 'none')
 INIT_STATES = ('embed', 'zeros', 'noise')
-POSITIONS = ('rope', 'learned')
+POSITIONS = ('rope', 'learned', 'none')
 
 
 @dataclass
@@ -44,7 +44,7 @@ class LoopedConfig:
     inner_norm: str = 'pre'      # pre: x + f(LN(x)) | post: LN(x + f(x)) | none: x + f(x)
     outer_norm: bool = True      # LayerNorm of the state after every iteration
     init_state: str = 'embed'    # h_0: embed (h_0 = e) | zeros | noise (unit Gaussian)
-    pos: str = 'rope'            # rope: rotary (any length) | learned: absolute, up to block_size
+    pos: str = 'rope'            # rope: rotary (any length) | learned: absolute, up to block_size | none
     causal: bool = False         # causal attention mask
     window: int = 0              # attend only to the last `window` positions (0: all)
     bias: bool = False           # biases in Linear layers
