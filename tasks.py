@@ -252,18 +252,18 @@ def mating_moves(board, n, limit=2, memo=None):
     """Up to `limit` first moves of the side to move that force mate within n moves. Checks are
     tried first, then captures; on the last move only checks, as nothing else can mate."""
     memo = {} if memo is None else memo
-    checks = checking_moves(board)
-    if n > 1:
-        checks = set(checks)
-        checks = sorted(board.legal_moves, key=lambda m: (m not in checks, not board.is_capture(m)))
-    return list(itertools.islice((m for m in checks if forces_mate(board, m, n, memo)), limit))
+    moves = checking_moves(board)
+    if n > 1:                                 # any move may start a longer mate
+        checks = set(moves)
+        moves = sorted(board.legal_moves, key=lambda m: (m not in checks, not board.is_capture(m)))
+    return list(itertools.islice((m for m in moves if forces_mate(board, m, n, memo)), limit))
 
 
 def solve_puzzle(board, depth, memo=None):
     """The one first move that forces mate in `depth`, or None if the position is not a puzzle: no
     mate, a shorter mate, several mating first moves, or an under-promotion (not encodable)."""
     memo = {} if memo is None else memo
-    if any(mating_moves(board, k, 1, memo) for k in range(1, depth)):
+    if depth > 1 and mating_moves(board, depth - 1, 1, memo):     # mates within depth-1: a shorter mate
         return None
     moves = mating_moves(board, depth, 2, memo)
     return moves[0] if len(moves) == 1 and moves[0].promotion in (None, chess.QUEEN) else None
@@ -368,10 +368,6 @@ def puzzles_at(seed, wanted):
     return found
 
 
-def _puzzles_at(args):  # for Pool.map
-    return puzzles_at(*args)
-
-
 def generate_puzzles(wanted, workers=None, have=None):
     """The first wanted[(depth, side)] distinct puzzles of each stream, seeds 0, 1, 2, ... in order,
     extending the prefixes in `have`. Returns {(depth, side): [puzzle, ...]}. Worker processes take
@@ -385,7 +381,7 @@ def generate_puzzles(wanted, workers=None, have=None):
     try:
         while open_streams():
             jobs = [(s, tuple(k for k in open_streams() if s > done_to[k])) for s in range(seed, seed + 16 * workers)]
-            for found in (pool.map(_puzzles_at, jobs, chunksize=4) if pool else map(_puzzles_at, jobs)):
+            for found in (pool.starmap(puzzles_at, jobs, chunksize=4) if pool else itertools.starmap(puzzles_at, jobs)):
                 for k, p in sorted(found.items()):
                     if len(streams[k]) < wanted[k] and p['key'] not in keys[k]:
                         streams[k].append(p)
@@ -492,14 +488,17 @@ class Chess:
     64 tokens, which is what extra loop iterations can supply. We train on mates in 1 and 2 and test
     on 1, 2 and 3. A predicted move counts ('move', the headline) when it is legal and forces mate
     within N, by the exact search; 'label' is agreement with the stored move. A generated puzzle has
-    exactly one such move, so on generated puzzles the two agree."""
+    exactly one such move, so on generated puzzles the two agree. Deeper mates come more often from
+    endgames than from playouts, so 'move' is also given per kind of position.
+    Pools: the first train_pool / test_pool puzzles of each depth's stream, read from the shipped
+    file where it has them (`python tasks.py chess_puzzles` grows it) and generated otherwise."""
     name = 'chess'
     train_difficulty = '1-2'
     eval_difficulties = ('1', '2', '3')
     eval_mults = (0.5, 1, 2, 4)
     headline = 'move'
-    train_pool = 160              # training puzzles per mate depth (each also seen a<->h mirrored)
-    test_pool = 40                # test puzzles per mate depth (more if eval_set asks for more)
+    train_pool = 2000             # training puzzles per mate depth (each also seen a<->h mirrored)
+    test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
 
     def __init__(self):
         self.loaded = {}          # (diff, side, count) -> pooled split, so batches don't reread the cache

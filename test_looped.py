@@ -211,7 +211,8 @@ def test_chess_batches_deterministic_and_test_pool_disjoint(tmp_path, monkeypatc
     split = task.eval_set('1-2', 30, seed=3)
     assert split['x'].shape == (30, 64) and set(split['depth'].tolist()) == {1, 2}
     assert torch.equal(split['x'], task.eval_set('1-2', 30, seed=3)['x'])
-    train = {tuple(r) for p in (task.pools('1-2', 'train', 60),) for r in torch.cat([p['x'], p['x'][:, tasks.FLIP_FILES]]).tolist()}
+    train_x = task.pools('1-2', 'train', 60)['x']                      # what train_batch draws from, both mirrors
+    train = {tuple(r) for r in torch.cat([train_x, train_x[:, tasks.FLIP_FILES]]).tolist()}
     assert not train & {tuple(r) for r in split['x'].tolist()}
 
 
