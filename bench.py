@@ -5,6 +5,7 @@ machines are shared and noisy:
     python bench.py step        # training step: our block vs torch.nn.TransformerEncoderLayer, same loop
     python bench.py step --device cuda --dtype bfloat16 --compile
     python bench.py sudoku      # augmented training puzzles/s, base puzzles/s per tier (1 and 2 workers)
+    python bench.py chess       # verified mate-in-N puzzles/s per depth (1 and 2 workers)
 
 A benchmark is a function bench_<name>(args) printing a small table; add it to BENCHMARKS at the bottom.
 """
@@ -152,7 +153,22 @@ def bench_step(args):
         print(f"{name:>8} | {1e3 * statistics.median(times['ours']):8.2f} | {1e3 * statistics.median(times['torch']):14.2f} | {ratio:16.3f}")
 
 
-BENCHMARKS = {'step': bench_step, 'sudoku': bench_sudoku}
+# ----------------------------------------------------------------------------------------- chess
+
+def bench_chess(args):
+    """Generate fresh puzzles of each mate depth (the training side's stream from seed 0, no file
+    or cache) and time it: candidates, exact search and all."""
+    counts = {1: 100, 2: 40, 3: 10}    # puzzles per depth: one to two minutes in all
+    print(f"{'depth':>5} | {'workers':>7} | {'puzzles':>7} | {'seeds':>6} | {'seconds':>7} | {'puzzles/s':>9}")
+    for depth, count in counts.items():
+        for workers in (1, 2):
+            t0 = time.time()
+            puzzles = tasks.generate_puzzles({(depth, 'train'): count}, workers=workers)[(depth, 'train')]
+            dt = time.time() - t0
+            print(f"{depth:>5} | {workers:>7} | {count:>7} | {puzzles[-1]['seed'] + 1:>6} | {dt:7.1f} | {count / dt:9.2f}")
+
+
+BENCHMARKS = {'step': bench_step, 'sudoku': bench_sudoku, 'chess': bench_chess}
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,14 +18,20 @@ Targets use -100 for positions that carry no label (ignored by the loss).
 """
 
 import hashlib
+import itertools
 import math
 import multiprocessing
 import os
+import random
+import re
+import sys
 import time
 import zlib
 
+import chess
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 CACHE_DIR = os.environ.get('LOOPED_CACHE', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data'))
 
@@ -449,12 +455,436 @@ class Sudoku:
         return {'cell': s['token'], 'exact': s['exact']}
 
 
+# ----------------------------------------------------------------------------- chess
+#
+# A puzzle is a position whose side to move forces mate in N moves with exactly one first move, and
+# has no quicker mate. Candidates come from two sources, drawn per seed: the position 2N-1 plies
+# before the end of a random game that ended in mate (games from the opening, biased towards
+# captures and checks, taking a mate in one whenever there is one), and sparse endgames (two kings
+# and a few random pieces). An exact AND-OR search decides. A puzzle is a placement and the side to
+# move only: positions with castling or en passant rights are skipped (the encoding cannot show
+# them), clocks are reset and there is no history, so the 50-move and repetition rules never come
+# into play (claimable draws are ignored, as in puzzle books). Stalemate is a draw, never a mate; a
+# side without mating material simply finds no mate, so insufficient material needs no rule.
+
+CHESS_VERSION = 1
+MAX_DEPTH = 3                 # deepest mate the tiers offer (mate in 3 costs ~1-4 s of search per puzzle)
+PLAYOUT_SHARE = 0.5           # share of candidate seeds that are game playouts (the rest: sparse endgames)
+MAX_PLIES = 100               # a playout that has not ended in mate by then is dropped
+TEST_SHARE = 4                # one position in TEST_SHARE (by a hash of the position) belongs to the test side
+PUZZLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'puzzles_chess.txt')
+FLIP_FILES = [sq ^ 7 for sq in range(64)]   # a <-> h mirror of square indices, a symmetry without castling
+EDGE_SQUARES = [sq for sq in range(64) if sq % 8 in (0, 7) or sq // 8 in (0, 7)]
+
+
+def load_board(fen):
+    """A chess.Board from a FEN, or TaskError: the position must be legal and carry no castling or
+    en passant rights (the 64-token encoding cannot show them)."""
+    try:
+        board = chess.Board(fen)
+    except (ValueError, TypeError) as err:
+        raise TaskError(f"illegal FEN {fen!r}: {err}")
+    if not board.is_valid():
+        raise TaskError(f"illegal position {fen!r} ({board.status()!r})")
+    if board.castling_rights or board.has_legal_en_passant():
+        raise TaskError(f"position {fen!r} has castling or en passant rights, which puzzles cannot carry")
+    return board
+
+
+def _position_key(board):  # everything the search result depends on (no history: repetitions are ignored)
+    return (board.pawns, board.knights, board.bishops, board.rooks, board.queens, board.kings,
+            board.occupied_co[chess.WHITE], board.turn, board.castling_rights, board.ep_square)
+
+
+def _attacks(piece_type, color, square, occupied):  # squares a piece on `square` attacks, given the occupancy
+    if piece_type == chess.PAWN:
+        return chess.BB_PAWN_ATTACKS[color][square]
+    if piece_type in (chess.KNIGHT, chess.KING):
+        return (chess.BB_KNIGHT_ATTACKS if piece_type == chess.KNIGHT else chess.BB_KING_ATTACKS)[square]
+    bb = chess.BB_DIAG_ATTACKS[square][chess.BB_DIAG_MASKS[square] & occupied] if piece_type != chess.ROOK else 0
+    if piece_type != chess.BISHOP:
+        bb |= chess.BB_RANK_ATTACKS[square][chess.BB_RANK_MASKS[square] & occupied]
+        bb |= chess.BB_FILE_ATTACKS[square][chess.BB_FILE_MASKS[square] & occupied]
+    return bb
+
+
+def gives_check(board, move):
+    """board.gives_check(move) without making the move (3x faster; the search's inner loop)."""
+    if board.is_castling(move) or board.is_en_passant(move):
+        return board.gives_check(move)
+    king, origin = board.king(not board.turn), chess.BB_SQUARES[move.from_square]
+    occupied = board.occupied & ~origin | chess.BB_SQUARES[move.to_square]
+    if board.attackers_mask(board.turn, king, occupied) & ~origin:          # discovered check
+        return True
+    piece = move.promotion or board.piece_type_at(move.from_square)
+    return bool(_attacks(piece, board.turn, move.to_square, occupied) & chess.BB_SQUARES[king])
+
+
+def checking_moves(board):
+    """The legal moves that give check, the only moves that can mate. Candidates from bitboards
+    (direct checks land on a square that sees the king, discovered checks move a piece off a line
+    through it, promotions and en passant and castling are taken whole), then the exact test."""
+    king, us = board.king(not board.turn), board.turn
+    direct = chess.BB_KNIGHT_ATTACKS[king] | chess.BB_PAWN_ATTACKS[not us][king] | _attacks(chess.QUEEN, us, king, board.occupied)
+    movers = _attacks(chess.QUEEN, us, king, 0) | board.pawns & (chess.BB_RANK_7 if us else chess.BB_RANK_2)
+    candidates = dict.fromkeys([*board.generate_legal_moves(chess.BB_ALL, direct), *board.generate_legal_moves(movers),
+                                *board.generate_legal_ep(), *board.generate_castling_moves()])
+    return [move for move in candidates if gives_check(board, move)]
+
+
+def forces_mate(board, move, n, memo=None):
+    """True if `move` (legal, for the side to move) forces mate within n of its side's moves, this
+    one included. Exact AND-OR search: every defence is tried; a defender node fails at its first
+    escaping reply. `memo` caches attacker nodes by (position, moves left)."""
+    memo = {} if memo is None else memo
+    board.push(move)
+    try:
+        if board.is_checkmate():
+            return True
+        if n == 1:
+            return False
+        replies = 0
+        for reply in board.legal_moves:
+            replies += 1
+            board.push(reply)
+            key = (_position_key(board), n - 1)
+            if key not in memo:
+                memo[key] = bool(mating_moves(board, n - 1, 1, memo))
+            board.pop()
+            if not memo[key]:
+                return False
+        return replies > 0                    # no reply and no mate: stalemate, a draw
+    finally:
+        board.pop()
+
+
+def solves(board, move, n):
+    """A predicted move is right when it is legal and forces mate within n moves."""
+    return board.is_legal(move) and forces_mate(board, move, n)
+
+
+def mating_moves(board, n, limit=2, memo=None):
+    """Up to `limit` first moves of the side to move that force mate within n moves. Checks are
+    tried first, then captures; on the last move only checks, as nothing else can mate."""
+    memo = {} if memo is None else memo
+    moves = checking_moves(board)
+    if n > 1:                                 # any move may start a longer mate
+        checks = set(moves)
+        moves = sorted(board.legal_moves, key=lambda m: (m not in checks, not board.is_capture(m)))
+    return list(itertools.islice((m for m in moves if forces_mate(board, m, n, memo)), limit))
+
+
+def solve_puzzle(board, depth, memo=None):
+    """The one first move that forces mate in `depth`, or None if the position is not a puzzle: no
+    mate, a shorter mate, several mating first moves, or an under-promotion (not encodable)."""
+    memo = {} if memo is None else memo
+    if depth > 1 and mating_moves(board, depth - 1, 1, memo):     # mates within depth-1: a shorter mate
+        return None
+    moves = mating_moves(board, depth, 2, memo)
+    return moves[0] if len(moves) == 1 and moves[0].promotion in (None, chess.QUEEN) else None
+
+
+def _pick(rng, weights):  # an index drawn in proportion to weights, from rng.random() alone (stable across Pythons)
+    r, total = rng.random() * sum(weights), 0
+    for i, w in enumerate(weights):
+        total += w
+        if r < total:
+            return i
+    return len(weights) - 1
+
+
+def _playout(rng):
+    """A random game from the opening, biased towards captures and checks, taking a mate in one
+    whenever there is one. Returns the final board (with its move stack)."""
+    board = chess.Board()
+    while board.ply() < MAX_PLIES and not board.is_insufficient_material():
+        moves = list(board.legal_moves)
+        if not moves:
+            break
+        checks = checking_moves(board)
+        mate = next((m for m in checks if forces_mate(board, m, 1)), None)
+        if mate:
+            board.push(mate)
+            break
+        checks = set(checks)
+        board.push(moves[_pick(rng, [1 + 3 * board.is_capture(m) + 3 * (m in checks) for m in moves])])
+    return board
+
+
+def _endgame(rng):
+    """Two kings and a few random pieces: 2-4 for the side to move, 0-3 for the other; the
+    defending king stands on the edge (where mates are) three times in four."""
+    pieces = [chess.QUEEN, chess.ROOK, chess.BISHOP, chess.KNIGHT, chess.PAWN, chess.PAWN]
+    while True:
+        board, attacker = chess.Board(None), chess.WHITE if rng.random() < 0.5 else chess.BLACK
+        n_att, n_def = 2 + int(3 * rng.random()), int(4 * rng.random())
+        squares = []
+        while len(squares) < 2 + n_att + n_def:
+            sq = int(64 * rng.random())
+            if len(squares) == 1 and rng.random() < 0.75:     # the defending king
+                sq = EDGE_SQUARES[int(len(EDGE_SQUARES) * rng.random())]
+            if sq not in squares:
+                squares.append(sq)
+        kinds = [chess.KING, chess.KING] + [pieces[int(len(pieces) * rng.random())] for _ in squares[2:]]
+        colors = [attacker, not attacker] + [attacker] * n_att + [not attacker] * n_def
+        for sq, kind, color in zip(squares, kinds, colors):
+            board.set_piece_at(sq, chess.Piece(kind, color))
+        board.turn = attacker
+        if board.is_valid():
+            return board
+
+
+def _before_mate(game, depth):
+    """The position 2*depth-1 plies before the mate that ended `game`, with clocks reset; None if
+    the game did not end in mate or that position has castling or en passant rights."""
+    if not game.is_checkmate() or len(game.move_stack) < 2 * depth - 1:
+        return None
+    board = game.copy()
+    for _ in range(2 * depth - 1):
+        board.pop()
+    if board.castling_rights or board.has_legal_en_passant():
+        return None
+    return chess.Board(f"{board.board_fen()} {'w' if board.turn else 'b'} - - 0 1")
+
+
+def position_key(board):
+    """The position as the model sees it (mirrored to white to move), up to the a<->h mirror."""
+    frame = board if board.turn == chess.WHITE else board.mirror()
+    return min(frame.board_fen(), frame.transform(chess.flip_horizontal).board_fen())
+
+
+def key_side(key):
+    """'train' or 'test' from a hash of the position key: a position, its colour-swapped twin and
+    its mirror image always land on the same side, so the two sides never share a puzzle."""
+    return 'test' if hashlib.sha256(key.encode()).digest()[0] % TEST_SHARE == 0 else 'train'
+
+
+def puzzles_at(seed, wanted):
+    """What one seed gives the (depth, side) streams in `wanted`: {(depth, side): puzzle}, a puzzle
+    being dict(seed, kind, fen, move, key). The seed draws its kind, then either one random game
+    (its position 2N-1 plies before the mate is the mate-in-N candidate) or one sparse endgame (the
+    candidate for every N); a candidate is searched only for the side its position hashes to."""
+    if not wanted:
+        return {}
+    rng = random.Random(seed)
+    if rng.random() < PLAYOUT_SHARE:
+        kind, game = 'playout', _playout(rng)
+        boards = {depth: _before_mate(game, depth) for depth, _ in wanted}
+    else:
+        kind, board = 'endgame', _endgame(rng)
+        boards = {depth: board for depth, _ in wanted}
+    found, memo = {}, {}
+    for depth, side in sorted(wanted):
+        board = boards[depth]
+        key = board and position_key(board)
+        move = board and key_side(key) == side and solve_puzzle(board, depth, memo)
+        if move:
+            found[(depth, side)] = {'seed': seed, 'kind': kind, 'fen': board.fen(), 'move': move.uci(), 'key': key}
+    return found
+
+
+def generate_puzzles(wanted, workers=None, have=None):
+    """The first wanted[(depth, side)] distinct puzzles of each stream, seeds 0, 1, 2, ... in order,
+    extending the prefixes in `have`. Returns {(depth, side): [puzzle, ...]}. Worker processes take
+    whole seeds, so the result does not depend on their number."""
+    streams = {k: list((have or {}).get(k, []))[:n] for k, n in wanted.items()}
+    keys = {k: {p['key'] for p in ps} for k, ps in streams.items()}
+    done_to = {k: ps[-1]['seed'] if ps else -1 for k, ps in streams.items()}   # a prefix covers seeds up to here
+    open_streams = lambda: [k for k in sorted(wanted) if len(streams[k]) < wanted[k]]
+    seed, workers = min((done_to[k] + 1 for k in open_streams()), default=0), workers or os.cpu_count() or 1
+    pool = multiprocessing.Pool(workers) if workers > 1 and open_streams() else None
+    try:
+        while open_streams():
+            jobs = [(s, tuple(k for k in open_streams() if s > done_to[k])) for s in range(seed, seed + 16 * workers)]
+            for found in (pool.starmap(puzzles_at, jobs, chunksize=4) if pool else itertools.starmap(puzzles_at, jobs)):
+                for k, p in sorted(found.items()):
+                    if len(streams[k]) < wanted[k] and p['key'] not in keys[k]:
+                        streams[k].append(p)
+                        keys[k].add(p['key'])
+            seed += len(jobs)
+    finally:
+        if pool:
+            pool.terminate()
+    return streams
+
+
+PUZZLE_HEADER = f"# chess puzzles v{CHESS_VERSION}, lines depth;side;seed;kind;fen;move, body sha256 "
+
+
+def read_puzzle_file(path=PUZZLE_FILE):
+    """{(depth, side): [puzzle, ...]} from the shipped file, a prefix of each stream written by
+    `python tasks.py chess_puzzles`. A missing, stale, edited or malformed file counts as empty."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        header, _, body = f.read().partition('\n')
+    streams = {}
+    try:
+        if header != PUZZLE_HEADER + hashlib.sha256(body.encode()).hexdigest():
+            raise ValueError("not a puzzle file of this version, or its checksum does not match")
+        for line in body.splitlines():
+            depth, side, seed, kind, fen, move = line.split(';')
+            streams.setdefault((int(depth), side), []).append(
+                {'seed': int(seed), 'kind': kind, 'fen': fen, 'move': move, 'key': position_key(chess.Board(fen))})
+    except ValueError as err:
+        print(f"ignoring {path}: {err}")
+        return {}
+    return streams
+
+
+def write_puzzle_file(sizes, path=PUZZLE_FILE, workers=None):
+    """(Re)write the shipped file with the first sizes[(depth, side)] puzzles of each stream,
+    extending what the file already holds."""
+    t0 = time.time()
+    streams = generate_puzzles(sizes, workers, read_puzzle_file(path))
+    body = ''.join(f"{d};{side};{p['seed']};{p['kind']};{p['fen']};{p['move']}\n"
+                   for (d, side), puzzles in sorted(streams.items()) for p in puzzles)
+    with open(f'{path}.tmp', 'w') as f:
+        f.write(PUZZLE_HEADER + hashlib.sha256(body.encode()).hexdigest() + '\n' + body)
+    os.replace(f'{path}.tmp', path)
+    for (depth, side), puzzles in sorted(streams.items()):
+        playouts = sum(p['kind'] == 'playout' for p in puzzles)
+        print(f"mate in {depth} {side:5}: {len(puzzles):5d} puzzles, {playouts:5d} from playouts, "
+              f"{len(puzzles) - playouts:5d} endgames, seeds 0..{puzzles[-1]['seed']}")
+    print(f"wrote {path} in {time.time() - t0:.0f}s")
+
+
+def chess_pool(depth, side, count):
+    """The first `count` puzzles of the (depth, side) stream as tensors (the shipped file's prefix,
+    then generation), through the on-disk cache: dict(x (count, 64), y (count, 64), fen, move, kind)."""
+    def build():
+        have = read_puzzle_file()
+        if len(have.get((depth, side), [])) < count:
+            print(f"generating mate-in-{depth} {side} puzzles up to {count} (pure-Python search: minutes)")
+        puzzles = generate_puzzles({(depth, side): count}, have=have)[(depth, side)]
+        boards = [chess.Board(p['fen']) for p in puzzles]
+        return {'x': torch.stack([encode_board(b) for b in boards]),
+                'y': torch.stack([encode_move(b, chess.Move.from_uci(p['move'])) for b, p in zip(boards, puzzles)]),
+                'fen': [p['fen'] for p in puzzles], 'move': [p['move'] for p in puzzles], 'kind': [p['kind'] for p in puzzles]}
+    return cached('chess', CHESS_VERSION, {'depth': depth, 'side': side, 'n': count}, build)
+
+
+def _frame(square, board):  # a square of the real board -> the encoded frame (side to move shown as white)
+    return square if board.turn == chess.WHITE else chess.square_mirror(square)
+
+
+def encode_board(board):
+    """64 tokens, a1=0 .. h8=63, in the frame where the side to move is white (the board is
+    mirrored when black moves): 0 empty, 1-6 own P N B R Q K, 7-12 the opponent's."""
+    x = torch.zeros(64, dtype=torch.long)
+    for square, piece in board.piece_map().items():
+        x[_frame(square, board)] = piece.piece_type + (0 if piece.color == board.turn else 6)
+    return x
+
+
+def encode_move(board, move):
+    """Targets (64,): 1 on the from-square, 2 on the to-square of `move`, 0 elsewhere (encoded frame)."""
+    y = torch.zeros(64, dtype=torch.long)
+    y[_frame(move.from_square, board)], y[_frame(move.to_square, board)] = 1, 2
+    return y
+
+
+def decode_move(logits, board):
+    """The legal move of `board` with the highest log p(from) + log p(to) under logits (64, 3) in the
+    encoded frame. A promotion is read as a queen (the encoding has no promotion piece)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    p_from, p_to = logp[:, 1].tolist(), logp[:, 2].tolist()
+    moves = [m for m in board.legal_moves if m.promotion in (None, chess.QUEEN)]
+    if not moves:
+        raise TaskError(f"no legal move in {board.fen()!r}")
+    return max(moves, key=lambda m: p_from[_frame(m.from_square, board)] + p_to[_frame(m.to_square, board)])
+
+
+class Chess:
+    """Mate in N: 64 squares in, the first move of the forced mate out (class 1 on its from-square,
+    2 on its to-square). Difficulty is the mate depth N, spelled '2', or a range '1-2' for training
+    on several depths. Depth is the easy-to-hard axis because the input never grows: proving a mate
+    in N takes 2N-1 plies of look-ahead, so deeper mates ask for more reasoning steps from the same
+    64 tokens, which is what extra loop iterations can supply. We train on mates in 1 and 2 and test
+    on 1, 2 and 3. A predicted move counts ('move', the headline) when it is legal and forces mate
+    within N, by the exact search; 'label' is agreement with the stored move. A generated puzzle has
+    exactly one such move, so on generated puzzles the two agree. Deeper mates come more often from
+    endgames than from playouts, so 'move' is also given per kind of position.
+    Pools: the first train_pool / test_pool puzzles of each depth's stream, read from the shipped
+    file where it has them (`python tasks.py chess_puzzles` grows it) and generated otherwise."""
+    name = 'chess'
+    train_difficulty = '1-2'
+    eval_difficulties = ('1', '2', '3')
+    eval_mults = (0.5, 1, 2, 4)
+    headline = 'move'
+    train_pool = 2000             # training puzzles per mate depth (each also seen a<->h mirrored)
+    test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
+
+    def __init__(self):
+        self.loaded = {}          # (diff, side, count) -> pooled split, so batches don't reread the cache
+        self.verdicts = {}        # (fen, move, N) -> solves; predictions recur across iteration counts
+
+    def model_defaults(self, diff):
+        return dict(vocab_size=13, n_classes=3, block_size=64, pos='learned', causal=False, scale_iters=False,
+                    d_model=64, n_head=4, n_iters=8)
+
+    def parse_difficulty(self, s):
+        m = re.fullmatch(r'(\d)(?:-(\d))?', str(s))
+        if not m or not 1 <= int(m[1]) <= int(m[2] or m[1]) <= MAX_DEPTH:
+            raise TaskError(f"chess difficulty is a mate depth in 1..{MAX_DEPTH} or a range like 1-2, got {s!r}")
+        return m[1] if int(m[2] or m[1]) == int(m[1]) else f'{m[1]}-{m[2]}'
+
+    def pools(self, diff, side, count):
+        """The (depth, side) pools of every depth in diff, concatenated: x, y, depth (N,), fen, move."""
+        if (diff, side, count) not in self.loaded:
+            lo, _, hi = diff.partition('-')
+            pools = {d: chess_pool(d, side, count) for d in range(int(lo), int(hi or lo) + 1)}
+            self.loaded[diff, side, count] = {
+                'x': torch.cat([p['x'] for p in pools.values()]), 'y': torch.cat([p['y'] for p in pools.values()]),
+                'depth': torch.tensor([d for d, p in pools.items() for _ in p['fen']]),
+                **{k: [v for p in pools.values() for v in p[k]] for k in ('fen', 'move', 'kind')}}
+        return self.loaded[diff, side, count]
+
+    def train_batch(self, diff, n, gen):
+        pool = self.pools(diff, 'train', self.train_pool)
+        idx = torch.randint(0, len(pool['x']), (n,), generator=gen)
+        flip = torch.randint(0, 2, (n, 1), generator=gen).bool()           # a <-> h mirror for half the batch
+        x, y = pool['x'][idx], pool['y'][idx]
+        return torch.where(flip, x[:, FLIP_FILES], x), torch.where(flip, y[:, FLIP_FILES], y)
+
+    def eval_set(self, diff, n, seed):
+        pool = self.pools(diff, 'test', max(n, self.test_pool))
+        idx = torch.randperm(len(pool['x']), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        return {'x': pool['x'][idx], 'y': pool['y'][idx], 'depth': pool['depth'][idx],
+                **{k: [pool[k][i] for i in idx] for k in ('fen', 'move', 'kind')}}
+
+    def score(self, logits, split):
+        """'move' (legal and mates within N), 'label' (the stored move), and 'move' on each kind of
+        position apart ('move_playout', 'move_endgame'): depths differ in their mix of kinds."""
+        move_ok, label_ok = [], []
+        for lg, fen, label, n in zip(logits, split['fen'], split['move'], split['depth'].tolist()):
+            board = load_board(fen)
+            move = decode_move(lg, board)
+            label_ok.append(move.uci() == label)
+            if (fen, move.uci(), n) not in self.verdicts:
+                self.verdicts[fen, move.uci(), n] = label_ok[-1] or solves(board, move, n)
+            move_ok.append(self.verdicts[fen, move.uci(), n])
+        scores = {'move': sum(move_ok) / len(move_ok), 'label': sum(label_ok) / len(label_ok)}
+        for kind in sorted(set(split.get('kind', []))):
+            ok = [m for m, k in zip(move_ok, split['kind']) if k == kind]
+            scores[f'move_{kind}'] = sum(ok) / len(ok)
+        return scores
+
+
 # ----------------------------------------------------------------------------- registry
 
-TASKS = {'prefix_sums': PrefixSums, 'sudoku': Sudoku}
+TASKS = {'prefix_sums': PrefixSums, 'sudoku': Sudoku, 'chess': Chess}
 
 
 def get_task(name):
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     return TASKS[name]()
+
+
+if __name__ == '__main__':
+    # python tasks.py chess_puzzles: (re)write the shipped puzzle file with the default pool sizes
+    if sys.argv[1:] != ['chess_puzzles']:
+        raise SystemExit("usage: python tasks.py chess_puzzles")
+    write_puzzle_file({(1, 'train'): Chess.train_pool, (2, 'train'): Chess.train_pool,
+                       **{(d, 'test'): Chess.test_pool for d in range(1, MAX_DEPTH + 1)}})
