@@ -164,6 +164,9 @@ class LoopedTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(d, bias=cfg.bias)
         self.head = nn.Linear(d, cfg.n_classes, bias=cfg.bias)
         self.apply(self._init_weights)
+        if self.recall_proj is not None:   # start W [h ; e] near h: the loop first carries its state forward
+            with torch.no_grad():
+                self.recall_proj.weight[:, :d] += torch.eye(d)
 
     @staticmethod
     def _init_weights(m):

@@ -9,7 +9,7 @@ Every task has the same small shape, which train.py and analyze.py rely on:
 
     task.model_defaults(diff)      LoopedConfig fields the task sets (vocab, classes, positions ...)
     task.train_difficulty          what training draws from; task.eval_difficulties: what it is tested on
-    task.eval_mults                test-time iterations for the final table, as multiples of n_iters
+    task.eval_mults                test-time iterations for the final table, as multiples of the default rule
     task.parse_difficulty(s)       a difficulty from its command-line spelling (ValueError if unknown)
     task.train_batch(diff, n, gen) -> x (n, L) long, y (n, L) long; drawn from a torch.Generator
     task.eval_set(diff, n, seed)   -> dict with x, y (and whatever score() needs), fixed by the seed
@@ -112,7 +112,7 @@ class PrefixSums:
     name = 'prefix_sums'
     train_difficulty = 32
     eval_difficulties = (32, 64, 128, 256, 512)
-    eval_mults = (0.5, 1, 2, 4, 8, 16)      # test-time iterations in the final table, as multiples of n_iters
+    eval_mults = (0.25, 0.5, 1, 2)          # final table: iterations as multiples of the default rule
 
     def model_defaults(self, length):
         return dict(vocab_size=2, n_classes=2, block_size=length, pos='rope', causal=True, scale_iters=True)

@@ -179,7 +179,7 @@ def test_unknown_task_and_bad_difficulty():
 def quick_args(out_dir, *extra):
     return ['--task', 'prefix_sums', '--out_dir', str(out_dir), '--d_model', '16', '--n_head', '2', '--n_iters', '3',
             '--batch_size', '8', '--train_difficulty', '8', '--eval_n', '8', '--eval_difficulties', '8,16',
-            '--eval_iters', '3', '--log_interval', '1', '--eval_interval', '0', '--warmup_steps', '2', *extra]
+            '--eval_mults', '1', '--log_interval', '1', '--eval_interval', '0', '--warmup_steps', '2', *extra]
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
@@ -921,7 +921,7 @@ def test_chess_corrupt_cache_is_regenerated(tmp_path, monkeypatch, capsys):
 def test_train_py_runs_chess_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv('LOOPED_CACHE', str(tmp_path / 'cache'))
     out = run_script('train.py', '--task', 'chess', '--max_steps', '2', '--d_model', '16', '--n_head', '2', '--n_iters', '2',
-                     '--batch_size', '8', '--eval_n', '8', '--eval_difficulties', '1,2', '--eval_iters', '1,2',
+                     '--batch_size', '8', '--eval_n', '8', '--eval_difficulties', '1,2', '--eval_mults', '0.5,1',
                      '--eval_interval', '0', '--log_interval', '1', '--out_dir', str(tmp_path / 'run'))
     assert out.returncode == 0, out.stderr[-2000:]
     assert 'move accuracy' in out.stdout and (tmp_path / 'run' / 'eval.json').exists()

@@ -55,7 +55,7 @@ class TrainConfig:
     ckpt_interval: int = 500       # steps between checkpoints (0 = only at the end)
     eval_n: int = 512              # examples per difficulty in evaluations
     eval_difficulties: str = ''    # comma list for the final table ('' = the task's default)
-    eval_iters: str = ''           # comma list of iteration counts for the final table ('' = task's multiples of n_iters)
+    eval_mults: str = ''           # final table columns: comma list of multiples of the default iteration rule ('' = the task's)
     eval_batch: int = 128          # evaluation batch size
     peak_flops: float = 0.0        # device peak FLOP/s for MFU (0 = look the device up in a small table)
 
@@ -229,32 +229,24 @@ def evaluate(model, task, split, iter_counts, batch_size=128, ctx=nullcontext())
     return {t: task.score(torch.cat(logits[t]), split) for t in counts}
 
 
-def eval_iter_counts(tc, task, cfg):
-    """Columns of the final table: --eval_iters, or the task's multiples of n_iters."""
-    if tc.eval_iters:
-        counts = [int(s) for s in tc.eval_iters.split(',')]
-    else:
-        counts = [max(1, round(m * cfg.n_iters)) for m in task.eval_mults]
-    return sorted(set(counts))
-
-
-def final_table(model, task, tc, cfg, ctx):
-    """Accuracy (task.headline) against test-time iterations on every evaluation difficulty."""
+def final_table(model, task, tc, ctx):
+    """Accuracy (task.headline) on every evaluation difficulty against test-time iterations, as
+    multiples of the default iteration rule for that difficulty (x1 is the rule itself)."""
     diffs = [task.parse_difficulty(s) for s in tc.eval_difficulties.split(',')] if tc.eval_difficulties else list(task.eval_difficulties)
-    rows, counts = [], None
+    mults = [float(s) for s in tc.eval_mults.split(',')] if tc.eval_mults else list(task.eval_mults)
+    rows, head = [], task.headline
+    print(f"\n{head} accuracy (%) on {tc.eval_n} fresh examples per row, against test-time iterations (x the default rule):")
+    print(f"{'difficulty':>10} | {'rule':>5} |" + ''.join(f"{'x' + format(m, 'g'):>7}" for m in mults) + ' | seconds')
     for diff in diffs:
-        split = task.eval_set(diff, tc.eval_n, tc.seed)
-        counts, rule = eval_iter_counts(tc, task, cfg), model.default_iters(split['x'].size(1))
         t0 = time.time()
-        scores = evaluate(model, task, split, counts + [rule], tc.eval_batch, ctx)
-        rows.append({'difficulty': diff, 'rule_iters': rule, 'scores': {str(t): s for t, s in scores.items()},
-                     'seconds': round(time.time() - t0, 1)})
-    head = task.headline
-    print(f"\n{head} accuracy (%) on {tc.eval_n} fresh examples per row, against test-time iterations:")
-    print(f"{'difficulty':>10} |" + ''.join(f'{t:>7}' for t in counts) + ' | default rule')
-    for r in rows:
-        cells = ''.join(f"{100 * r['scores'][str(t)][head]:7.1f}" for t in counts)
-        print(f"{str(r['difficulty']):>10} |{cells} | {100 * r['scores'][str(r['rule_iters'])][head]:5.1f} @ {r['rule_iters']} iters")
+        split = task.eval_set(diff, tc.eval_n, tc.seed)
+        rule = model.default_iters(split['x'].size(1))
+        counts = [max(1, round(m * rule)) for m in mults]
+        scores = evaluate(model, task, split, counts, tc.eval_batch, ctx)
+        rows.append({'difficulty': diff, 'rule_iters': rule, 'mults': mults, 'iters': counts,
+                     'scores': {str(t): s for t, s in scores.items()}, 'seconds': round(time.time() - t0, 1)})
+        cells = ''.join(f"{100 * scores[t][head]:7.1f}" for t in counts)
+        print(f"{str(diff):>10} | {rule:5d} |{cells} | {rows[-1]['seconds']:7.1f}", flush=True)
     return rows
 
 
@@ -278,7 +270,7 @@ def write_json(path, obj):
 
 
 RESUME_MAY_CHANGE = {'out_dir', 'resume', 'overwrite', 'device', 'compile', 'max_steps', 'log_interval', 'eval_interval',
-                     'ckpt_interval', 'eval_n', 'eval_difficulties', 'eval_iters', 'eval_batch', 'peak_flops'}
+                     'ckpt_interval', 'eval_n', 'eval_difficulties', 'eval_mults', 'eval_batch', 'peak_flops'}
 
 
 def check_resumable(ckpt, cfg, tc, path):
@@ -411,7 +403,7 @@ def main(argv=None):
     if master:
         save_checkpoint(path, model, optimizer, tc, step, gen)
         print(f"saved {path} (step {step})")
-        rows = final_table(model, task, tc, cfg, ctx)
+        rows = final_table(model, task, tc, ctx)
         write_json(os.path.join(tc.out_dir, 'eval.json'),
                    {'config': {'model': asdict(cfg), 'train': asdict(tc)}, 'step': step, 'headline': task.headline, 'rows': rows})
     if world > 1:
