@@ -46,7 +46,8 @@ class LoopedConfig:
     init_state: str = 'embed'    # h_0: embed (h_0 = e) | zeros | noise (unit Gaussian)
     pos: str = 'rope'            # rope: rotary (any length) | learned: absolute, up to block_size | none
     causal: bool = False         # causal attention mask
-    window: int = 0              # attend only to the last `window` positions (0: all)
+    window: int = 0              # attend only to positions less than `window` away (0: all)
+    bos: bool = False            # prepend a start token (id vocab_size) inside the model; its output is dropped
     bias: bool = False           # biases in Linear layers
 
     def validate(self):
@@ -156,8 +157,8 @@ class LoopedTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         d = cfg.d_model
-        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
-        self.pos_emb = nn.Embedding(cfg.block_size, d) if cfg.pos == 'learned' else None
+        self.tok_emb = nn.Embedding(cfg.vocab_size + cfg.bos, d)
+        self.pos_emb = nn.Embedding(cfg.block_size + cfg.bos, d) if cfg.pos == 'learned' else None
         self.recall_proj = nn.Linear(2 * d, d, bias=cfg.bias) if cfg.recall == 'standard' else None  # W in W [h ; e]
         self.block = Block(cfg)
         self.ln_out = nn.LayerNorm(d, bias=cfg.bias) if cfg.outer_norm else nn.Identity()  # N_out
@@ -177,12 +178,15 @@ class LoopedTransformer(nn.Module):
 
     # --- the pieces of the loop; analyze.py differentiates through step() ---
 
-    def embed(self, idx):  # idx: (B, T) -> e: (B, T, d)
+    def embed(self, idx):  # idx: (B, T) -> e: (B, T + bos, d)
         T = idx.size(1)
         if self.pos_emb is not None and T > self.cfg.block_size:
             raise ValueError(f"input length {T} exceeds block_size {self.cfg.block_size} of learned positions")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
+        if self.cfg.bos:  # the start token: a left boundary every position can see, and an attention sink
+            idx = torch.cat((torch.full_like(idx[:, :1], self.cfg.vocab_size), idx), dim=1)
+            T += 1
         e = self.tok_emb(idx)
         if self.pos_emb is not None:
             e = e + self.pos_emb(torch.arange(T, device=idx.device))
@@ -202,8 +206,8 @@ class LoopedTransformer(nn.Module):
             h = self.recall_proj(torch.cat((h, e), -1))              # W [h ; e]
         return self.ln_out(self.block(h, e))
 
-    def readout(self, h):  # (B, T, d) -> logits (B, T, n_classes)
-        return self.head(self.ln_f(h))
+    def readout(self, h):  # (B, T + bos, d) -> logits (B, T, n_classes)
+        return self.head(self.ln_f(h[:, 1:] if self.cfg.bos else h))
 
     def default_iters(self, T):
         """Test-time iteration rule (never looks at labels): n_iters, scaled with length when
@@ -227,6 +231,7 @@ class LoopedTransformer(nn.Module):
         cfg, d = self.cfg, self.cfg.d_model
         matmul = 3 * d * d + d * d + 2 * (2 if cfg.recall == 'internal' else 1) * d * cfg.mlp_ratio * d
         matmul += 2 * d * d if cfg.recall == 'standard' else 0
+        T = T + cfg.bos
         keys = min(T, cfg.window) if cfg.window else T
         attn = 2 * keys * d  # scores + weighted sum, per query
         return 2 * T * (matmul + attn)

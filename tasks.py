@@ -8,6 +8,7 @@ The paper's three tasks, each easy to train on and harder to test on:
 Every task has the same small shape, which train.py and analyze.py rely on:
 
     task.model_defaults(diff)      LoopedConfig fields the task sets (vocab, classes, positions ...)
+    task.train_defaults            TrainConfig fields the task sets (a dict, often empty)
     task.train_difficulty          what training draws from; task.eval_difficulties: what it is tested on
     task.eval_mults                test-time iterations for the final table, as multiples of the default rule
     task.parse_difficulty(s)       a difficulty from its command-line spelling (ValueError if unknown)
@@ -107,16 +108,24 @@ def cached(name, version, params, build, cache_dir=None, verbose=True):
 
 class PrefixSums:
     """Bits in (token id = bit), prefix parity out (class c at position i = parity of bits 1..i).
-    Difficulty is the length. Causal attention with rotary positions, so any length can be fed,
-    and the loop runs longer on longer strings (cfg.scale_iters)."""
+    Difficulty is the length. The model sees a start token and attends causally to the previous
+    position only (window 2, rotary positions): the transformer's analogue of the narrow
+    convolutions of Bansal et al. 2022. One iteration can move information one position, so a
+    string of length L needs about L iterations; the loop runs 2.5 x the training length in
+    training and the same multiple of any test length (cfg.scale_iters). Training backpropagates
+    through the last 3 iterations only: the model learns a local rule whose repeated application
+    converges (a fixed point), not a trajectory of a fixed length."""
     name = 'prefix_sums'
-    train_difficulty = 32
-    eval_difficulties = (32, 64, 128, 256, 512)
-    eval_mults = (0.25, 0.5, 1, 2)          # final table: iterations as multiples of the default rule
+    train_difficulty = 16
+    eval_difficulties = (16, 32, 64, 128, 256, 512)
+    eval_mults = (0.5, 1, 2)                # final table: iterations as multiples of the default rule
+    headline = 'exact'
+
+    train_defaults = dict(alpha=0.0, tbptt=3, max_steps=1500)
 
     def model_defaults(self, length):
-        return dict(vocab_size=2, n_classes=2, block_size=length, pos='rope', causal=True, scale_iters=True)
-    headline = 'exact'
+        return dict(vocab_size=2, n_classes=2, block_size=length, pos='rope', causal=True, window=2, bos=True,
+                    n_iters=math.ceil(2.5 * length), scale_iters=True)
 
     def parse_difficulty(self, s):
         try:
@@ -132,6 +141,9 @@ class PrefixSums:
         return bits, torch.cumsum(bits, dim=1) % 2
 
     def train_batch(self, length, n, gen):
+        """n strings of one random length in [2, length]: the short ones teach the one-step rule
+        early, the long ones that it must hold over many steps (a length curriculum)."""
+        length = int(torch.randint(min(2, length), length + 1, (1,), generator=gen))
         return self.make(torch.randint(0, 2, (n, length), generator=gen))
 
     def eval_set(self, length, n, seed):
@@ -410,6 +422,7 @@ class Sudoku:
     eval_difficulties = tuple(SUDOKU_TIERS)
     eval_mults = (0.5, 1, 2, 4, 8)
     headline = 'exact'
+    train_defaults = {}
 
     def __init__(self, cache_dir=None):
         self.cache_dir, self.pools = cache_dir, {}
@@ -812,6 +825,7 @@ class Chess:
     eval_difficulties = ('1', '2', '3')
     eval_mults = (0.5, 1, 2, 4)
     headline = 'move'
+    train_defaults = {}
     train_pool = 2000             # training puzzles per mate depth (each also seen a<->h mirrored)
     test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
 

@@ -655,6 +655,7 @@ def contractive_model(seed=0, B=3, T=8):
     so that the loop contracts (a fixed point is reached)."""
     torch.manual_seed(seed)
     model = LoopedTransformer(tiny_config(recall='standard', outer_norm=True)).double().requires_grad_(False)
+    model.recall_proj.weight[:, :16] -= torch.eye(16)   # drop the identity init, keep the small random part
     model.recall_proj.weight[:, :16] *= 0.02
     e = model.embed(torch.randint(0, 2, (B, T)))
     h, res, _, _ = analyze.iterate(model.step, model.initial_state(e), e, 200)

@@ -81,10 +81,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    """Returns (TrainConfig, dict of LoopedConfig fields given on the command line)."""
+    """Returns two dicts of the flags given on the command line: TrainConfig fields, LoopedConfig fields."""
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_fields = {f.name for f in fields(LoopedConfig)}
-    for cls, title in ((TrainConfig, 'training'), (LoopedConfig, 'model (defaults depend on the task)')):
+    for cls, title in ((TrainConfig, 'training ([default]; a task may set its own, see train_defaults in tasks.py)'),
+                       (LoopedConfig, 'model (defaults depend on the task: model_defaults in tasks.py)')):
         group, helps = parser.add_argument_group(title), field_help(cls)
         for f in fields(cls):
             default = getattr(cls, f.name)
@@ -92,10 +93,8 @@ def parse_args(argv=None):
             extra = dict(nargs='?', const=True) if kind is str2bool else {}
             shown = '' if cls is LoopedConfig else f' [{default}]'
             group.add_argument(f'--{f.name}', type=kind, default=None, help=helps.get(f.name, '') + shown, **extra)
-    args = vars(parser.parse_args(argv))
-    train = TrainConfig(**{k: v for k, v in args.items() if k not in model_fields and v is not None})
-    model_overrides = {k: v for k, v in args.items() if k in model_fields and v is not None}
-    return train, model_overrides
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return {k: v for k, v in args.items() if k not in model_fields}, {k: v for k, v in args.items() if k in model_fields}
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -231,22 +230,29 @@ def evaluate(model, task, split, iter_counts, batch_size=128, ctx=nullcontext())
 
 def final_table(model, task, tc, ctx):
     """Accuracy (task.headline) on every evaluation difficulty against test-time iterations, as
-    multiples of the default iteration rule for that difficulty (x1 is the rule itself)."""
+    multiples of the default iteration rule for that difficulty (x1 is the rule itself). Where the
+    rule grows with length (cfg.scale_iters) a row costs length x iterations per example, so longer
+    rows use fewer examples: eval_n x block_size / length, at least 64."""
+    cfg, head = model.cfg, task.headline
     diffs = [task.parse_difficulty(s) for s in tc.eval_difficulties.split(',')] if tc.eval_difficulties else list(task.eval_difficulties)
     mults = [float(s) for s in tc.eval_mults.split(',')] if tc.eval_mults else list(task.eval_mults)
-    rows, head = [], task.headline
-    print(f"\n{head} accuracy (%) on {tc.eval_n} fresh examples per row, against test-time iterations (x the default rule):")
-    print(f"{'difficulty':>10} | {'rule':>5} |" + ''.join(f"{'x' + format(m, 'g'):>7}" for m in mults) + ' | seconds')
+    rows = []
+    print(f"\n{head} accuracy (%) on fresh examples, against test-time iterations (multiples of the default rule):")
+    print(f"{'difficulty':>10} | {'n':>5} | {'rule':>5} |" + ''.join(f"{'x' + format(m, 'g'):>7}" for m in mults) + ' | seconds')
     for diff in diffs:
         t0 = time.time()
         split = task.eval_set(diff, tc.eval_n, tc.seed)
-        rule = model.default_iters(split['x'].size(1))
+        L = split['x'].size(1)
+        if cfg.scale_iters and L > cfg.block_size:
+            keep = max(min(64, tc.eval_n), tc.eval_n * cfg.block_size // L)
+            split = {k: v[:keep] for k, v in split.items()}
+        rule = model.default_iters(L)
         counts = [max(1, round(m * rule)) for m in mults]
         scores = evaluate(model, task, split, counts, tc.eval_batch, ctx)
-        rows.append({'difficulty': diff, 'rule_iters': rule, 'mults': mults, 'iters': counts,
+        rows.append({'difficulty': diff, 'n': len(split['x']), 'rule_iters': rule, 'mults': mults, 'iters': counts,
                      'scores': {str(t): s for t, s in scores.items()}, 'seconds': round(time.time() - t0, 1)})
         cells = ''.join(f"{100 * scores[t][head]:7.1f}" for t in counts)
-        print(f"{str(diff):>10} | {rule:5d} |{cells} | {rows[-1]['seconds']:7.1f}", flush=True)
+        print(f"{str(diff):>10} | {len(split['x']):5d} | {rule:5d} |{cells} | {rows[-1]['seconds']:7.1f}", flush=True)
     return rows
 
 
@@ -296,9 +302,10 @@ def build_config(tc, model_overrides, task, train_difficulty):
 
 
 def main(argv=None):
-    tc, model_overrides = parse_args(argv)
+    train_overrides, model_overrides = parse_args(argv)
     try:
-        task = get_task(tc.task)
+        task = get_task(train_overrides.get('task', TrainConfig.task))
+        tc = TrainConfig(**{**task.train_defaults, **train_overrides})   # dataclass < task < command line
         train_diff = task.parse_difficulty(tc.train_difficulty) if tc.train_difficulty else task.train_difficulty
         if tc.eval_difficulties:
             [task.parse_difficulty(s) for s in tc.eval_difficulties.split(',')]
