@@ -95,6 +95,21 @@ def window_mask(T, window, causal, device=None):
     return allowed & (offset >= 0) if causal else allowed
 
 
+def local_attention(q, k, v, window, causal):
+    """softmax(q k^T / sqrt(hd)) v restricted to |i - j| < window (and j <= i if causal), computed
+    from each query's few neighbours in O(T * window) instead of the O(T^2) of a masked dense
+    product. q, k, v: (B, H, T, hd). Equals sdpa with window_mask (tested)."""
+    T, pad = q.size(2), window - 1
+    offsets = torch.arange(0 if causal else -pad, window, device=q.device)     # i - j, (W,)
+    kp, vp = (F.pad(t, (0, 0, pad, pad)) for t in (k, v))                       # (B, H, T + 2 pad, hd)
+    ks = torch.stack([kp[:, :, pad - o:pad - o + T] for o in offsets.tolist()], 3)  # (B, H, T, W, hd)
+    vs = torch.stack([vp[:, :, pad - o:pad - o + T] for o in offsets.tolist()], 3)
+    scores = torch.einsum('bhtd,bhtwd->bhtw', q, ks) * q.size(-1) ** -0.5      # (B, H, T, W)
+    j = torch.arange(T, device=q.device)[:, None] - offsets                     # key index, (T, W)
+    scores = scores.masked_fill((j < 0) | (j >= T), float('-inf'))             # padding is not a key
+    return torch.einsum('bhtw,bhtwd->bhtd', scores.softmax(-1), vs)            # (B, H, T, hd)
+
+
 class SelfAttention(nn.Module):
 
     def __init__(self, cfg):
@@ -110,7 +125,9 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        if self.window:
+        if self.window and 4 * self.window < T:   # a narrow band: gather neighbours, skip the dense product
+            y = local_attention(q, k, v, self.window, self.causal)
+        elif self.window:
             if self.mask_cache is None or self.mask_cache.shape[0] != T or self.mask_cache.device != x.device:
                 self.mask_cache = window_mask(T, self.window, self.causal, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_cache)

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import os
 import random
 import subprocess
@@ -11,8 +12,10 @@ import numpy as np
 import chess
 import pytest
 import torch
+from torch.nn.attention import sdpa_kernel, SDPBackend
 
-from looped import LoopedConfig, LoopedTransformer, CheckpointError, RECALLS, INNER_NORMS
+from looped import LoopedConfig, LoopedTransformer, CheckpointError, RECALLS, INNER_NORMS, local_attention, window_mask
+import analyze
 import tasks
 import train
 
@@ -110,6 +113,15 @@ def test_causal_model_does_not_look_ahead():
     b[0, 5:] = 1 - b[0, 5:]
     assert torch.allclose(model(a)[0, :5], model(b)[0, :5], atol=1e-6)
     assert not torch.allclose(model(a)[0, 5:], model(b)[0, 5:])
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_local_attention_equals_masked_dense_attention(causal):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 29, 8).unbind(0)   # (B, H, T, hd) each
+    for window in (1, 2, 5):
+        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(29, window, causal))
+        assert torch.allclose(local_attention(q, k, v, window, causal), dense, atol=1e-5)
 
 
 def test_rope_model_runs_past_training_length_and_learned_does_not():
@@ -573,13 +585,6 @@ def test_sudoku_train_script_end_to_end(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ analyze
-
-import json
-import math
-
-from torch.nn.attention import sdpa_kernel, SDPBackend
-
-import analyze
 
 
 def linear_toy(B=3, N=24, P=12, seed=0):

@@ -232,7 +232,7 @@ def final_table(model, task, tc, ctx):
     """Accuracy (task.headline) on every evaluation difficulty against test-time iterations, as
     multiples of the default iteration rule for that difficulty (x1 is the rule itself). Where the
     rule grows with length (cfg.scale_iters) a row costs length x iterations per example, so longer
-    rows use fewer examples: eval_n x block_size / length, at least 64."""
+    rows use fewer examples: eval_n x block_size / length, at least 32."""
     cfg, head = model.cfg, task.headline
     diffs = [task.parse_difficulty(s) for s in tc.eval_difficulties.split(',')] if tc.eval_difficulties else list(task.eval_difficulties)
     mults = [float(s) for s in tc.eval_mults.split(',')] if tc.eval_mults else list(task.eval_mults)
@@ -244,7 +244,7 @@ def final_table(model, task, tc, ctx):
         split = task.eval_set(diff, tc.eval_n, tc.seed)
         L = split['x'].size(1)
         if cfg.scale_iters and L > cfg.block_size:
-            keep = max(min(64, tc.eval_n), tc.eval_n * cfg.block_size // L)
+            keep = max(min(32, tc.eval_n), tc.eval_n * cfg.block_size // L)
             split = {k: v[:keep] for k, v in split.items()}
         rule = model.default_iters(L)
         counts = [max(1, round(m * rule)) for m in mults]
