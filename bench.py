@@ -122,7 +122,10 @@ def time_train_steps(model, x, y, n_iters, repeats, ctx, step_fn=None):
 
 
 STEP_CONFIGS = {  # name: (LoopedConfig fields, batch size)
-    'readme': (dict(vocab_size=2, n_classes=2, block_size=32, d_model=64, n_head=4, n_iters=16, causal=True), 64),
+    # the prefix-sums quick start (its start token left out: the baseline has none)
+    'readme': (dict(vocab_size=2, n_classes=2, block_size=16, d_model=64, n_head=4, n_iters=40, causal=True, window=2), 64),
+    # the same model on 512-bit strings, as when testing length generalization (banded attention)
+    'long': (dict(vocab_size=2, n_classes=2, block_size=512, d_model=64, n_head=4, n_iters=8, causal=True, window=2), 16),
     'large': (dict(vocab_size=2, n_classes=2, block_size=128, d_model=256, n_head=8, n_iters=8, causal=True), 16),
 }
 
@@ -176,7 +179,7 @@ if __name__ == '__main__':
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='step: device')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='step: autocast dtype')
     parser.add_argument('--compile', action='store_true', help='step: torch.compile the loop body of both models')
-    parser.add_argument('--configs', default='readme,large', help=f"step: comma list of {', '.join(STEP_CONFIGS)}")
+    parser.add_argument('--configs', default='readme,long,large', help=f"step: comma list of {', '.join(STEP_CONFIGS)}")
     parser.add_argument('--window', type=int, default=0, help='step: attention window for both models (0 = full)')
     parser.add_argument('--rounds', type=int, default=5, help='step: alternating rounds')
     parser.add_argument('--repeats', type=int, default=5, help='step: timed steps per round (after 2 warm-up steps)')
