@@ -77,7 +77,7 @@ class Rotary(nn.Module):
         self.register_buffer('inv_freq', base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
         self.cache = None  # (T, device, dtype, cos, sin): the loop calls us with the same T every iteration
 
-    def forward(self, x):  # x: (B, H, T, hd)
+    def forward(self, x):  # x: (..., T, hd)
         T = x.size(-2)
         if self.cache is None or self.cache[:3] != (T, x.device, x.dtype):
             angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), self.inv_freq)  # (T, hd/2)
@@ -122,10 +122,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):  # x: (B, T, d)
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
-        if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        if self.window and 4 * self.window < T:   # a narrow band: gather neighbours, skip the dense product
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+        q, k, v = (*self.rotary(qkv[:2]), qkv[2]) if self.rotary is not None else qkv  # (B, H, T, hd) each
+        if self.window and T > 64 * self.window:  # long inputs, narrow band: gather neighbours, skip the dense product
             y = local_attention(q, k, v, self.window, self.causal)
         elif self.window:
             if self.mask_cache is None or self.mask_cache.shape[0] != T or self.mask_cache.device != x.device:
