@@ -38,8 +38,8 @@ class LoopedConfig:
     d_model: int = 64            # width of the loop state
     n_head: int = 4              # attention heads
     mlp_ratio: int = 4           # MLP hidden width = mlp_ratio * d_model
-    n_iters: int = 16            # loop iterations in training (and at block_size at test time)
-    scale_iters: bool = False    # test-time rule: iterations grow with length, n_iters * T / block_size
+    n_iters: int = 16            # loop iterations, training and test (with scale_iters: per block_size tokens)
+    scale_iters: bool = False    # iterations proportional to length: ceil(n_iters * T / block_size)
     recall: str = 'standard'     # none | standard | internal
     inner_norm: str = 'pre'      # pre: x + f(LN(x)) | post: LN(x + f(x)) | none: x + f(x)
     outer_norm: bool = True      # LayerNorm of the state after every iteration
@@ -226,9 +226,10 @@ class LoopedTransformer(nn.Module):
         return self.head(self.ln_f(h[:, 1:] if self.cfg.bos else h))
 
     def default_iters(self, T):
-        """Test-time iteration rule (never looks at labels): n_iters, scaled with length when
-        cfg.scale_iters, i.e. ceil(n_iters * T / block_size) for inputs longer than training."""
-        if self.cfg.scale_iters and T > self.cfg.block_size:
+        """The iteration rule (never looks at labels; training and test alike): n_iters, or with
+        cfg.scale_iters a fixed number per token, ceil(n_iters * T / block_size), shorter and
+        longer inputs alike."""
+        if self.cfg.scale_iters:
             return math.ceil(self.cfg.n_iters * T / self.cfg.block_size)
         return self.cfg.n_iters
 

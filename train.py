@@ -162,7 +162,7 @@ class ProgressiveLoss(nn.Module):
 
         loss = (1 - alpha) * CE(readout(h_T)) + alpha * CE(readout(h'_{n+k}))
 
-    h_T runs the full T = n_iters iterations (gradient through the last `tbptt` only, if set);
+    h_T runs the full T = model.default_iters(L) iterations (gradient through the last `tbptt` only, if set);
     h' starts from h_n detached and runs k more iterations with gradient, n ~ U{0..T-1},
     k ~ U{1..T-n}: the model must improve any state it is handed, not count its own steps."""
 
@@ -172,7 +172,7 @@ class ProgressiveLoss(nn.Module):
         self.step = torch.compile(model.step) if compile else model.step   # the loop body is what is worth compiling
 
     def forward(self, x, y, n, k, noise_gen=None):
-        m, T = self.model, self.model.cfg.n_iters
+        m, T = self.model, self.model.default_iters(x.size(1))
         e = m.embed(x)                                              # (B, L, d)
         h = m.initial_state(e, noise_gen)
         main_iters = T if self.alpha < 1 else n                     # alpha = 1: only the progressive term
@@ -368,7 +368,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group['lr'] = lr
         x, y = task.train_batch(train_diff, tc.batch_size, gen)           # the global batch; this rank takes its shard
-        n, k = draw_n_k(cfg.n_iters, gen)
+        n, k = draw_n_k(model.default_iters(x.size(1)), gen)
         x, y = x[rank * local_b:(rank + 1) * local_b].to(device), y[rank * local_b:(rank + 1) * local_b].to(device)
         model.train()
         with ctx:
