@@ -78,7 +78,7 @@ def test_n_iters_counts_block_applications():
 
 def test_default_iteration_rule_scales_with_length():
     model = LoopedTransformer(tiny_config(scale_iters=True, n_iters=3, block_size=8))
-    assert model.default_iters(8) == 3 and model.default_iters(4) == 3
+    assert model.default_iters(8) == 3 and model.default_iters(4) == 2 and model.default_iters(1) == 1
     assert model.default_iters(16) == 6 and model.default_iters(20) == 8
     assert LoopedTransformer(tiny_config(scale_iters=False)).default_iters(64) == 3
 
@@ -103,6 +103,11 @@ def test_progressive_loss_matches_plain_forward():
     ce = lambda logits: torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
     assert torch.allclose(train.ProgressiveLoss(model, 0.0, 0)(x, y, 1, 1)[0], ce(model(x, n_iters=3)))
     assert torch.allclose(train.ProgressiveLoss(model, 1.0, 0)(x, y, 1, 2)[0], ce(model(x, n_iters=3)))
+    scaled = LoopedTransformer(tiny_config(scale_iters=True, n_iters=4, block_size=8))   # 1 iteration per 2 tokens
+    x4 = torch.randint(0, 2, (4, 4))
+    y4 = x4.cumsum(1) % 2
+    ce4 = torch.nn.functional.cross_entropy(scaled(x4, n_iters=2).flatten(0, 1), y4.flatten())
+    assert torch.allclose(train.ProgressiveLoss(scaled, 0.0, 0)(x4, y4, 0, 1)[0], ce4)   # training follows the rule
 
 
 def test_causal_model_does_not_look_ahead():
