@@ -111,8 +111,8 @@ class PrefixSums:
     Difficulty is the length. The model sees a start token and attends causally to the previous
     position only (window 2, rotary positions): the transformer's analogue of the narrow
     convolutions of Bansal et al. 2022. One iteration can move information one position, so a
-    string of length L needs about L iterations; the loop runs 2.5 x the training length in
-    training and the same multiple of any test length (cfg.scale_iters). Training backpropagates
+    string of length L needs about L iterations; the loop runs 2.5 per bit at every length, in
+    training (each batch's own length) and at test time (cfg.scale_iters). Training backpropagates
     through the last 3 iterations only: the model learns a local rule whose repeated application
     converges (a fixed point), not a trajectory of a fixed length."""
     name = 'prefix_sums'
