@@ -200,7 +200,7 @@ class LoopedTransformer(nn.Module):
             raise ValueError(f"input length {T} exceeds block_size {self.cfg.block_size} of learned positions")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
-        if self.cfg.bos:  # the start token: a left boundary every position can see, and an attention sink
+        if self.cfg.bos:  # the start token: a left boundary, and an attention sink
             idx = torch.cat((torch.full_like(idx[:, :1], self.cfg.vocab_size), idx), dim=1)
             T += 1
         e = self.tok_emb(idx)
