@@ -352,8 +352,7 @@ def main(argv=None):
     if world > 1:
         loss_module = torch.nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == 'cuda' else None,
                                                                 find_unused_parameters=cfg.recall == 'none')
-    if world > 1:  # rank 0 builds an uncached training pool alone; the others then read it from the cache
-        if master:
+        if master:  # rank 0 builds an uncached training pool alone; the others then read it from the cache
             task.train_batch(train_diff, 1, torch.Generator())
         torch.distributed.barrier()
     ctx = autocast_context(tc, device)
