@@ -28,6 +28,7 @@ RECALLS = ('none', 'standard', 'internal')
 INNER_NORMS = ('pre', 'post', 'none')
 INIT_STATES = ('embed', 'zeros', 'noise')
 POSITIONS = ('rope', 'learned', 'none')
+GRAPHS = {'all': None, 'sudoku': 81, 'chess': 64}   # attention graph -> the token count it is drawn for
 
 
 @dataclass
@@ -47,13 +48,17 @@ class LoopedConfig:
     pos: str = 'rope'            # rope: rotary (any length) | learned: absolute, up to block_size | none
     causal: bool = False         # causal attention mask
     window: int = 0              # attend only to positions less than `window` away (0: all)
+    graph: str = 'all'           # who may attend to whom: all | sudoku (row/column/box peers) | chess (lines, knight jumps)
     bos: bool = False            # prepend a start token (id vocab_size) inside the model; its output is dropped
     bias: bool = False           # biases in Linear layers
+    halt_tol: float = 0.0        # default rule: > 0 = after n_iters, go on per example until ||h_t+1 - h_t|| / ||h_t|| < halt_tol
+    max_iters: int = 0           # cap of the halting rule (0: 8 x n_iters)
 
     def validate(self):
         """Raise ValueError with a one-line message if the configuration is impossible."""
         for name, value, allowed in (('recall', self.recall, RECALLS), ('inner_norm', self.inner_norm, INNER_NORMS),
-                                     ('init_state', self.init_state, INIT_STATES), ('pos', self.pos, POSITIONS)):
+                                     ('init_state', self.init_state, INIT_STATES), ('pos', self.pos, POSITIONS),
+                                     ('graph', self.graph, tuple(GRAPHS))):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
         for name in ('vocab_size', 'n_classes', 'block_size', 'd_model', 'n_head', 'mlp_ratio', 'n_iters'):
@@ -65,6 +70,10 @@ class LoopedConfig:
             raise ValueError(f"rope needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
         if self.window < 0:
             raise ValueError(f"window must be >= 0, got {self.window}")
+        if self.halt_tol < 0 or self.max_iters < 0:
+            raise ValueError(f"halt_tol and max_iters must be >= 0, got {self.halt_tol} and {self.max_iters}")
+        if GRAPHS[self.graph] and self.pos == 'learned' and self.block_size != GRAPHS[self.graph]:
+            raise ValueError(f"graph {self.graph!r} is drawn for {GRAPHS[self.graph]} tokens, but block_size is {self.block_size}")
         return self
 
 
@@ -95,6 +104,24 @@ def window_mask(T, window, causal, device=None):
     return allowed & (offset >= 0) if causal else allowed
 
 
+def graph_mask(graph, T, device=None):
+    """Boolean (T, T), True where token i may attend to token j under the task's structure, the
+    attention analogue of a convolution's kernel shape: one iteration is a local rule, and repeating
+    it carries information as far as the input needs.
+      sudoku: cell i = 9 r + c attends to its 20 peers (same row, column or 3x3 box) and itself;
+      chess:  square i = 8 rank + file attends to the squares on its rank, file and diagonals
+              (the lines along which pieces move and attack) and a knight's jump away."""
+    if GRAPHS[graph] != T:
+        raise ValueError(f"attention graph {graph!r} is drawn for {GRAPHS[graph]} tokens, got an input of {T}")
+    i = torch.arange(T, device=device)
+    if graph == 'sudoku':
+        r, c = i // 9, i % 9
+        box = r // 3 * 3 + c // 3
+        return (r[:, None] == r) | (c[:, None] == c) | (box[:, None] == box)
+    dr, df = ((i // 8)[:, None] - i // 8).abs(), ((i % 8)[:, None] - i % 8).abs()    # rank and file distances
+    return (dr == 0) | (df == 0) | (dr == df) | (dr * df == 2)
+
+
 def local_attention(q, k, v, window, causal):
     """softmax(q k^T / sqrt(hd)) v restricted to |i - j| < window (and j <= i if causal), computed
     from each query's few neighbours in O(T * window) instead of the O(T^2) of a masked dense
@@ -114,7 +141,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.causal, self.window = cfg.n_head, cfg.causal, cfg.window
+        self.n_head, self.causal, self.window, self.graph, self.bos = cfg.n_head, cfg.causal, cfg.window, cfg.graph, cfg.bos
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.pos == 'rope' else None
@@ -124,15 +151,22 @@ class SelfAttention(nn.Module):
         B, T, d = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         q, k, v = (*self.rotary(qkv[:2]), qkv[2]) if self.rotary is not None else qkv  # (B, H, T, hd) each
-        if self.window and T > 64 * self.window:  # long inputs, narrow band: gather neighbours, skip the dense product
+        if self.window and self.graph == 'all' and T > 64 * self.window:  # long inputs, narrow band: gather neighbours
             y = local_attention(q, k, v, self.window, self.causal)
-        elif self.window:
+        elif self.window or self.graph != 'all':
             if self.mask_cache is None or self.mask_cache.shape[0] != T or self.mask_cache.device != x.device:
-                self.mask_cache = window_mask(T, self.window, self.causal, x.device)
+                self.mask_cache = self.mask(T, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_cache)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, d)
+
+    def mask(self, T, device):
+        """(T, T) bool: the band (window, causal) and the graph together; a start token sees and is seen by all."""
+        allowed = window_mask(T, self.window, self.causal, device) if self.window else torch.ones(T, T, dtype=torch.bool, device=device)
+        if self.graph != 'all':
+            allowed[self.bos:, self.bos:] &= graph_mask(self.graph, T - self.bos, device)
+        return allowed
 
 
 class MLP(nn.Module):
@@ -226,22 +260,46 @@ class LoopedTransformer(nn.Module):
         return self.head(self.ln_f(h[:, 1:] if self.cfg.bos else h))
 
     def default_iters(self, T):
-        """The iteration rule (never looks at labels; training and test alike): n_iters, or with
-        cfg.scale_iters a fixed number per token, ceil(n_iters * T / block_size), shorter and
-        longer inputs alike."""
+        """The fixed part of the iteration rule (never looks at labels; training and test alike):
+        n_iters, or with cfg.scale_iters a fixed number per token, ceil(n_iters * T / block_size),
+        shorter and longer inputs alike. With cfg.halt_tol the rule goes on from here (see run)."""
         if self.cfg.scale_iters:
             return math.ceil(self.cfg.n_iters * T / self.cfg.block_size)
         return self.cfg.n_iters
 
+    def max_iters(self, T):
+        """The cap of the halting rule: cfg.max_iters, or 8 x default_iters(T)."""
+        return self.cfg.max_iters or 8 * self.default_iters(T)
+
     def forward(self, idx, n_iters=None):
-        """idx: LongTensor (B, T). Runs exactly n_iters iterations (default: default_iters(T))
+        """idx: LongTensor (B, T). Runs exactly n_iters iterations, or the default rule if None,
         and returns logits (B, T, n_classes)."""
-        n_iters = self.default_iters(idx.size(1)) if n_iters is None else n_iters
+        return self.run(idx, n_iters)[0]
+
+    def run(self, idx, n_iters=None):
+        """Returns logits (B, T, n_classes) and the iterations each example ran (B,). The default rule
+        (n_iters None): default_iters(T) iterations; with cfg.halt_tol > 0 each example then goes on
+        until its state stops moving, ||h_{t+1} - h_t|| / ||h_t|| < halt_tol, or max_iters(T) is
+        reached. Inputs whose size says nothing of their difficulty (sudoku) get the iterations
+        they need this way; labels are never read."""
         e = self.embed(idx)
         h = self.initial_state(e)
-        for _ in range(n_iters):
+        fixed = self.default_iters(idx.size(1)) if n_iters is None else n_iters
+        for _ in range(fixed):
             h = self.step(h, e)
-        return self.readout(h)
+        used = torch.full((idx.size(0),), fixed, dtype=torch.long, device=idx.device)
+        if n_iters is None and self.cfg.halt_tol > 0:
+            active = torch.arange(idx.size(0), device=idx.device)          # examples still moving
+            for _ in range(fixed, self.max_iters(idx.size(1))):
+                if not len(active):
+                    break
+                old = h[active]
+                new = self.step(old, e[active])
+                h = h.index_copy(0, active, new)
+                used[active] += 1
+                moved = (new - old).flatten(1).norm(dim=1) / old.flatten(1).norm(dim=1)    # relative residual (n_active,)
+                active = active[moved >= self.cfg.halt_tol]
+        return self.readout(h), used
 
     def flops_per_iter(self, T):
         """Forward FLOPs of one iteration for one sequence of length T (2 * multiply-adds)."""
