@@ -169,19 +169,26 @@ UNITS = ([[r * 9 + c for c in range(9)] for r in range(9)] + [[r * 9 + c for r i
 CELL_UNITS = [[u for u in range(27) if i in UNITS[u]] for i in range(81)]
 NODE_BUDGET = 2000       # search nodes per solve; a puzzle that needs more is discarded
 MAX_ATTEMPTS = 200       # fresh grids per puzzle before a tier is declared unreachable
-SUDOKU_VERSION = 1       # bump when generation changes: cached pools are rebuilt
+SUDOKU_VERSION = 2       # bump when generation changes: cached pools are rebuilt
 TRAIN_SEED = 0           # training pools; evaluation pools use the run's seed (and the other grid class)
 
-# tier: (clue target range, guesses range). Clues are removed in random order while the solution
-# stays unique, stopping at a target drawn from the range, or when no clue can be removed (a target
-# of 17, the fewest any uniquely solvable sudoku has, makes minimal puzzles). A puzzle is kept when
-# its rating (guesses, see sudoku_search) lies in the range; otherwise a fresh grid is tried.
+# Difficulty is the number of sequential steps a solver needs, as length is for prefix sums. One
+# round of parallel singles fills, at once, every naked single (a blank with one digit left given the
+# placed digits) and every hidden single (a digit with one possible blank in a row, column or box);
+# a puzzle's rating is the number of rounds until the grid is full (singles_rounds). Puzzles that
+# singles cannot finish are rated by the guesses a search needs (sudoku_search).
+# tier: ('rounds', lo, hi) or ('guesses', lo, hi). A rounds tier starts from a full grid and removes
+# clues in random order, keeping a removal while singles still finish the puzzle (so the solution
+# stays unique) in at most t rounds, t drawn in [lo, hi]; it keeps the puzzle if it needs >= lo
+# rounds. A guesses tier removes clues while the solution stays unique, down to a minimal puzzle
+# (no clue can go), and keeps it if its search needs lo..hi guesses.
 SUDOKU_TIERS = {
-    'easy':   ((36, 45), (0, 0)),          # singles alone solve it, many clues
-    'medium': ((27, 35), (0, 0)),          # singles alone, fewer clues: longer chains of deductions
-    'tough':  ((17, 17), (0, 0)),          # minimal, still singles alone
-    'hard':   ((17, 17), (1, 2)),          # minimal, needs one or two guesses
-    'expert': ((17, 17), (3, math.inf)),   # minimal, needs several guesses
+    'r1-4':   ('rounds', 1, 4),            # the training tier: both kinds of single, short chains
+    'r5-8':   ('rounds', 5, 8),
+    'r9-16':  ('rounds', 9, 16),
+    'r17+':   ('rounds', 17, math.inf),
+    'g1-2':   ('guesses', 1, 2),           # minimal puzzles that need one or two guesses
+    'g3+':    ('guesses', 3, math.inf),    # minimal puzzles that need several guesses
 }
 
 
@@ -314,54 +321,86 @@ def random_grid(rng):
     return solutions[0] if solutions else None
 
 
+def singles_rounds(grid):
+    """Rounds of parallel singles that fill `grid` (81 digits, 0 blank), or None if singles get stuck.
+    Each round sees only the digits placed before it: a blank whose peers leave it one digit (naked
+    single), or the only blank of a unit where a digit can still go (hidden single), is filled."""
+    grid, rounds = list(grid), 0
+    while 0 in grid:
+        used = [0] * 27                                 # digits placed in each unit
+        for u, unit in enumerate(UNITS):
+            for i in unit:
+                if grid[i]:
+                    used[u] |= 1 << (grid[i] - 1)
+        cand = [0 if grid[i] else ALL_DIGITS & ~(used[a] | used[b] | used[c]) for i, (a, b, c) in enumerate(CELL_UNITS)]
+        fill = {i: m for i, m in enumerate(cand) if m and m & (m - 1) == 0}           # naked singles
+        for unit in UNITS:
+            once = twice = 0
+            for i in unit:
+                twice |= once & cand[i]
+                once |= cand[i]
+            for i in unit:
+                m = cand[i] & once & ~twice                                             # hidden singles
+                if m and m & (m - 1) == 0:
+                    fill[i] = m
+        if not fill:
+            return None
+        for i, m in fill.items():
+            grid[i] = m.bit_length()
+        rounds += 1
+    return rounds
+
+
 def make_puzzle(job):
     """One puzzle of a tier from its own seed (so pools don't depend on the number of workers).
-    job = (clues range, guesses range, grid class, seed entropy) -> (puzzle, solution, guesses)."""
-    (lo, hi), (glo, ghi), want_class, entropy = job
+    job = (tier spec, grid class, seed entropy) -> (puzzle, solution, rounds, guesses); rounds is 0
+    for a puzzle singles cannot finish, guesses 0 for one they can."""
+    (kind, lo, hi), want_class, entropy = job
     rng = np.random.default_rng(entropy)
     for _ in range(MAX_ATTEMPTS):
         try:
             solution = random_grid(rng)
             if solution is None or grid_class(solution) != want_class:
                 continue
-            puzzle, clues, target = list(solution), 81, rng.integers(lo, hi + 1)
+            puzzle, cap = list(solution), rng.integers(lo, hi + 1) if hi < math.inf else math.inf
             for i in rng.permutation(81):
-                if clues <= target:
-                    break
                 puzzle[i] = 0
-                if len(sudoku_search(puzzle)[0]) == 1:
-                    clues -= 1
+                if kind == 'rounds':
+                    rounds = singles_rounds(puzzle)
+                    keep = rounds is not None and rounds <= cap
                 else:
+                    keep = len(sudoku_search(puzzle)[0]) == 1
+                if not keep:
                     puzzle[i] = solution[i]
-            guesses = sudoku_search(puzzle)[1]
+            rounds = singles_rounds(puzzle) or 0
+            guesses = 0 if rounds else sudoku_search(puzzle)[1]
         except OverBudget:                              # discard the attempt, never keep an unchecked puzzle
             continue
-        if glo <= guesses <= ghi:
-            return puzzle, solution, guesses
-    raise TaskError(f"no puzzle with {glo}..{ghi} guesses in {MAX_ATTEMPTS} attempts; is the tier reachable?")
+        if lo <= (rounds if kind == 'rounds' else guesses) <= hi:
+            return puzzle, solution, rounds, guesses
+    raise TaskError(f"no puzzle with {lo}..{hi} {kind} in {MAX_ATTEMPTS} attempts; is the tier reachable?")
 
 
 def sudoku_tier(name):
-    """(clues range, guesses range) of a tier, checked."""
+    """(kind, lo, hi) of a tier, checked."""
     if name not in SUDOKU_TIERS:
         raise TaskError(f"unknown sudoku tier {name!r}; choose one of {', '.join(SUDOKU_TIERS)}")
-    (lo, hi), (glo, ghi) = SUDOKU_TIERS[name]
-    if not 17 <= lo <= hi <= 81 or not 0 <= glo <= ghi:
-        raise TaskError(f"sudoku tier {name!r} asks for {lo}..{hi} clues and {glo}..{ghi} guesses; "
-                        f"need 17 <= clues <= 81 and 0 <= guesses")
-    return (lo, hi), (glo, ghi)
+    kind, lo, hi = SUDOKU_TIERS[name]
+    if kind not in ('rounds', 'guesses') or not (0 if kind == 'guesses' else 1) <= lo <= hi:
+        raise TaskError(f"sudoku tier {name!r} asks for {lo}..{hi} {kind}; need rounds >= 1 or guesses >= 0, lo <= hi")
+    return kind, lo, hi
 
 
 def generate_sudoku(tier, split, n, seed, workers=1, verbose=True):
     """n puzzles of a tier for split 'train' or 'test', in worker processes. Returns a dict of
-    tensors: puzzles, solutions (n, 81) int8 and guesses (n,) int32."""
-    clues, guesses = sudoku_tier(tier)
+    tensors: puzzles, solutions (n, 81) int8, rounds and guesses (n,) int32 (see make_puzzle)."""
+    spec = sudoku_tier(tier)
     if n < 1:
         raise TaskError(f"a sudoku pool needs at least 1 puzzle, got {n}")
     if split not in ('train', 'test'):
         raise TaskError(f"a sudoku pool is for 'train' or 'test', got {split!r}")
     tag = [zlib.crc32(tier.encode()), zlib.crc32(split.encode()), seed % 2 ** 63]
-    jobs = [(clues, guesses, int(split == 'test'), tag + [i]) for i in range(n)]
+    jobs = [(spec, int(split == 'test'), tag + [i]) for i in range(n)]
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     results, t0, shown = [], time.time(), time.time()
     try:
@@ -373,16 +412,16 @@ def generate_sudoku(tier, split, n, seed, workers=1, verbose=True):
     finally:
         if pool:
             pool.terminate()
-    puzzles, solutions, ratings = zip(*results)
+    puzzles, solutions, rounds, guesses = zip(*results)
     return {'puzzles': torch.tensor(puzzles, dtype=torch.int8), 'solutions': torch.tensor(solutions, dtype=torch.int8),
-            'guesses': torch.tensor(ratings, dtype=torch.int32)}
+            'rounds': torch.tensor(rounds, dtype=torch.int32), 'guesses': torch.tensor(guesses, dtype=torch.int32)}
 
 
 def sudoku_pool(tier, split, n, seed, workers=None, cache_dir=None, verbose=True):
     """generate_sudoku through the on-disk cache: one file per tier, split, size and seed."""
-    (lo, hi), (glo, ghi) = sudoku_tier(tier)
+    kind, lo, hi = sudoku_tier(tier)
     workers = workers or ((os.cpu_count() or 1) if n >= 64 else 1)
-    params = {'tier': tier, 'split': split, 'n': n, 'seed': seed, 'clues': f'{lo}-{hi}', 'guesses': f'{glo}-{ghi}'}
+    params = {'tier': tier, 'split': split, 'n': n, 'seed': seed, kind: f'{lo}-{hi}'}
     pool = cached('sudoku', SUDOKU_VERSION, params, lambda: generate_sudoku(tier, split, n, seed, workers, verbose),
                   cache_dir, verbose)
     return {k: v.numpy() for k, v in pool.items()}
@@ -416,11 +455,14 @@ def sudoku_valid(grids):
 class Sudoku:
     """81 tokens row-major: 0 for a blank, 1-9 for a given digit. Every cell is labelled with its
     solution digit (class c = digit c+1), givens too (the model copies them). Difficulty is a named
-    tier (SUDOKU_TIERS); training draws augmented transforms of a fixed pool of base puzzles."""
+    tier (SUDOKU_TIERS): rounds of parallel singles, then guesses. Training draws augmented
+    transforms of a fixed pool of base puzzles that singles finish in at most 4 rounds; the model
+    attends along the constraint graph (a cell's 20 peers), and its default test-time rule
+    iterates each puzzle until its state stops changing, so harder puzzles get more iterations."""
     name = 'sudoku'
-    train_difficulty = 'easy'
+    train_difficulty = 'r1-4'
     eval_difficulties = tuple(SUDOKU_TIERS)
-    eval_mults = (0.5, 1, 2, 4, 8)
+    eval_mults = (1, 2, 4, 8)
     headline = 'exact'
     train_defaults = {}
 
@@ -434,11 +476,8 @@ class Sudoku:
         self.pool_size = int(size)
 
     def model_defaults(self, tier):
-        # easy puzzles need about 5 (at most 10) rounds of parallel singles, medium 9 (20), tough 16 (28):
-        # 16 iterations cover the training tier, harder tiers need more at test time. d_model 64 keeps a
-        # CPU step near a second (batch 32); on a GPU, raise d_model and batch_size.
         return dict(vocab_size=10, n_classes=9, block_size=81, pos='learned', causal=False, scale_iters=False,
-                    d_model=64, n_head=4, n_iters=16)
+                    graph='sudoku', d_model=64, n_head=4, n_iters=16, halt_tol=1e-3, max_iters=256)
 
     def parse_difficulty(self, s):
         sudoku_tier(s)
@@ -456,7 +495,7 @@ class Sudoku:
     def eval_set(self, tier, n, seed):
         pool = sudoku_pool(tier, 'test', n, seed, cache_dir=self.cache_dir)
         x = torch.from_numpy(pool['puzzles']).long()
-        return {'x': x, 'y': torch.from_numpy(pool['solutions']).long() - 1,
+        return {'x': x, 'y': torch.from_numpy(pool['solutions']).long() - 1, 'rounds': torch.from_numpy(pool['rounds']),
                 'guesses': torch.from_numpy(pool['guesses']), 'clues': (x > 0).sum(1)}
 
     def score(self, logits, split):

@@ -141,6 +141,82 @@ def test_bad_config_is_rejected(bad):
         LoopedTransformer(tiny_config(**bad))
 
 
+def sudoku_model(**kw):
+    cfg = dict(vocab_size=10, n_classes=9, block_size=81, pos='learned', causal=False, graph='sudoku', d_model=16, n_head=2,
+               n_iters=3, recall='internal')
+    return LoopedTransformer(LoopedConfig(**{**cfg, **kw}))
+
+
+def test_sudoku_graph_confines_one_iteration_to_peers():
+    """After one iteration, cell (4, 4) reads its row, column and box peers and nothing else."""
+    torch.manual_seed(0)
+    model = sudoku_model()
+    x = torch.randint(0, 10, (1, 81), generator=torch.Generator().manual_seed(0))
+    base = model(x, n_iters=1)[0, 40]
+    for cell in range(81):
+        changed = x.clone()
+        changed[0, cell] = (changed[0, cell] + 1) % 10
+        peer = cell // 9 == 4 or cell % 9 == 4 or (cell // 27 == 1 and cell % 9 // 3 == 1)
+        assert torch.equal(model(changed, n_iters=1)[0, 40], base) == (not peer), cell
+    far = x.clone()
+    far[0, 0] = (far[0, 0] + 1) % 10                    # (0, 0) is no peer of (4, 4), but a peer of its peer (0, 4)
+    assert torch.equal(model(far, n_iters=1)[0, 40], base) and not torch.equal(model(far, n_iters=2)[0, 40], model(x, n_iters=2)[0, 40])
+
+
+def test_chess_graph_is_lines_and_knight_jumps():
+    allowed = LoopedTransformer(tiny_config(vocab_size=13, n_classes=3, block_size=64, causal=False, graph='chess')).block.attn.mask(64, 'cpu')
+    e4 = chess.E4
+    sees = {sq for sq in range(64) if allowed[e4, sq]}
+    board = chess.BaseBoard(None)
+    board.set_piece_at(e4, chess.Piece(chess.QUEEN, chess.WHITE))
+    lines = set(board.attacks(e4))                        # empty board: every square on e4's lines
+    board.set_piece_at(e4, chess.Piece(chess.KNIGHT, chess.WHITE))
+    assert sees == lines | set(board.attacks(e4)) | {e4}
+    assert torch.equal(allowed, allowed.T)
+
+
+def test_attention_graph_must_fit_the_input():
+    with pytest.raises(ValueError, match="graph 'sudoku' is drawn for 81 tokens"):
+        LoopedTransformer(tiny_config(graph='sudoku', pos='rope'))(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="graph 'chess' is drawn for 64 tokens, but block_size is 8"):
+        LoopedConfig(block_size=8, pos='learned', graph='chess').validate()
+    with pytest.raises(ValueError, match='unknown graph'):
+        LoopedConfig(graph='hexagonal').validate()
+
+
+def test_halting_rule_runs_each_example_to_its_own_fixed_point():
+    """model(idx) with halt_tol: n_iters, then each example on until its relative residual falls
+    below halt_tol or the cap; its logits are those of exactly that many iterations. Only idx is read."""
+    torch.manual_seed(0)
+    model = sudoku_model(halt_tol=1e-2, max_iters=12).eval()
+    x = torch.randint(0, 10, (6, 81), generator=torch.Generator().manual_seed(1))
+    logits, used = model.run(x)
+    assert ((3 <= used) & (used <= 12)).all()
+    for i in range(6):
+        assert torch.allclose(logits[i], model(x[i:i + 1], n_iters=int(used[i]))[0], atol=1e-5)
+        e = model.embed(x[i:i + 1])
+        h = [model.initial_state(e)]
+        for _ in range(int(used[i])):
+            h.append(model.step(h[-1], e))
+        moved = [((b - a).norm() / a.norm()).item() for a, b in zip(h[:-1], h[1:])]
+        stopped = moved[-1] < 1e-2 and all(m >= 1e-2 for m in moved[3:-1])
+        assert stopped or used[i] == 12, (i, moved)
+    assert torch.equal(model(x), logits)
+    assert torch.equal(model.run(x, n_iters=5)[1], torch.full((6,), 5))       # n_iters given: exactly that many
+    assert sudoku_model(halt_tol=1e-9, max_iters=0).max_iters(81) == 24          # cap default: 8 x n_iters
+
+
+def test_graph_and_halting_rule_survive_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv('LOOPED_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('LOOPED_SUDOKU_POOL', '4')
+    train.main(['--task', 'sudoku', '--out_dir', str(tmp_path), '--max_steps', '1', '--batch_size', '2', '--d_model', '16',
+                '--n_head', '2', '--n_iters', '2', '--eval_n', '2', '--eval_difficulties', 'r1-4', '--halt_tol', '0.05',
+                '--max_iters', '7'])
+    model = LoopedTransformer.from_checkpoint(tmp_path / 'ckpt.pt')
+    assert (model.cfg.graph, model.cfg.halt_tol, model.cfg.max_iters) == ('sudoku', 0.05, 7)
+    assert model.block.attn.mask(81, 'cpu').sum().item() == 81 * 21
+
+
 # ------------------------------------------------------------------------------------------ tasks
 
 def test_prefix_sums_targets_are_prefix_parities():
@@ -440,7 +516,28 @@ def transform_grid(grid, rng):
     return [out[c * 9 + r] for r in range(9) for c in range(9)] if flip else out
 
 
-SUDOKU_TEST_SIZES = {'easy': 6, 'medium': 4, 'tough': 2, 'hard': 2, 'expert': 2}
+def rounds_of_singles(puzzle):
+    """Independent rating: rounds of parallel naked and hidden singles (each round sees only the
+    digits placed before it) until the grid is full, or None if a round finds nothing."""
+    grid, rounds = list(puzzle), 0
+    while 0 in grid:
+        seen = lambda cell: {grid[o] for line in SUDOKU_LINES if cell in line for o in line}
+        cand = {cell: set(range(1, 10)) - seen(cell) for cell in range(81) if not grid[cell]}
+        fill = {cell: min(s) for cell, s in cand.items() if len(s) == 1}
+        for line in SUDOKU_LINES:
+            for d in range(1, 10):
+                places = [cell for cell in line if d in cand.get(cell, ())]
+                if len(places) == 1:
+                    fill[places[0]] = d
+        if not fill:
+            return None
+        for cell, d in fill.items():
+            grid[cell] = d
+        rounds += 1
+    return rounds
+
+
+SUDOKU_TEST_SIZES = {'r1-4': 6, 'r5-8': 4, 'r9-16': 2, 'r17+': 1, 'g1-2': 2, 'g3+': 2}
 
 
 @pytest.fixture(scope='module')
@@ -454,31 +551,29 @@ def sudoku_pools(sudoku_cache):
             for tier, n in SUDOKU_TEST_SIZES.items()}
 
 
-def test_sudoku_puzzles_unique_rated_and_minimal(sudoku_pools):
+def test_sudoku_puzzles_unique_and_rated(sudoku_pools):
     for tier, pool in sudoku_pools.items():
-        (lo, hi), (glo, ghi) = tasks.SUDOKU_TIERS[tier]
-        for puzzle, solution, guesses in zip(pool['puzzles'].tolist(), pool['solutions'].tolist(), pool['guesses'].tolist()):
+        kind, lo, hi = tasks.SUDOKU_TIERS[tier]
+        for puzzle, solution, rounds, guesses in zip(*(pool[k].tolist() for k in ('puzzles', 'solutions', 'rounds', 'guesses'))):
             assert exact_cover_solutions(puzzle) == [solution], tier
             assert all(p in (0, s) for p, s in zip(puzzle, solution))
-            clues = sum(p > 0 for p in puzzle)
-            assert lo <= clues and (clues <= hi or is_minimal(puzzle)), (tier, clues)   # stopped at the target, or earlier
-            assert glo <= guesses <= ghi
-            solved_by_singles = singles_fill(puzzle) == solution
-            assert solved_by_singles == (ghi == 0), (tier, guesses)   # guesses 0 <=> no guessing needed
-        if lo == 17:   # minimal tiers (checked on the first puzzle)
+            assert rounds_of_singles(puzzle) == (rounds or None), tier          # 0: singles get stuck
+            assert (singles_fill(puzzle) == solution) == (rounds > 0), tier
+            assert lo <= (rounds if kind == 'rounds' else guesses) <= hi, tier
+            assert (guesses == 0) == (kind == 'rounds'), tier
+        if kind == 'guesses':   # guess tiers hold minimal puzzles (checked on the first one)
             assert is_minimal(pool['puzzles'][0].tolist()), tier
 
 
 def test_sudoku_tiers_differ_in_rating(sudoku_pools):
-    clues = {t: (p['puzzles'] > 0).sum(1).mean() for t, p in sudoku_pools.items()}
-    guesses = {t: p['guesses'].mean() for t, p in sudoku_pools.items()}
-    assert clues['easy'] > clues['medium'] > clues['tough']
-    assert guesses['easy'] == guesses['medium'] == guesses['tough'] == 0 < guesses['hard'] < guesses['expert']
+    rounds = [sudoku_pools[t]['rounds'].mean() for t in ('r1-4', 'r5-8', 'r9-16', 'r17+')]
+    assert rounds == sorted(rounds) and len(set(rounds)) == 4
+    assert 0 < sudoku_pools['g1-2']['guesses'].mean() < sudoku_pools['g3+']['guesses'].mean()
 
 
 def test_sudoku_augmentation_keeps_puzzles_valid(sudoku_pools):
     rng = np.random.default_rng(0)
-    for tier in ('easy', 'hard'):
+    for tier in ('r5-8', 'g1-2'):
         pool = sudoku_pools[tier]
         x, y = tasks.augment_sudoku(pool['puzzles'], pool['solutions'], rng)
         assert (x != pool['puzzles']).any()
@@ -487,38 +582,39 @@ def test_sudoku_augmentation_keeps_puzzles_valid(sudoku_pools):
             assert all(p in (0, s) for p, s in zip(puzzle, solution))          # givens are a subset of the solution
             assert sum(p > 0 for p in puzzle) == sum(p > 0 for p in base)
             assert exact_cover_solutions(puzzle) == [solution]
-            assert (singles_fill(puzzle) == solution) == (tier == 'easy')     # transforms keep the rating 0 / > 0
+            assert rounds_of_singles(puzzle) == rounds_of_singles(base)         # transforms keep the rating
 
 
 def test_sudoku_train_batch_encoding_and_determinism(sudoku_cache, monkeypatch):
     monkeypatch.setenv('LOOPED_SUDOKU_POOL', '6')
     task = tasks.Sudoku(cache_dir=sudoku_cache)
-    x, y = task.train_batch('easy', 16, torch.Generator().manual_seed(5))
+    x, y = task.train_batch('r1-4', 16, torch.Generator().manual_seed(5))
     assert x.shape == y.shape == (16, 81) and x.dtype == y.dtype == torch.long
     assert 0 <= x.min() and x.max() <= 9 and 0 <= y.min() and y.max() <= 8
     assert ((x == 0) | (x == y + 1)).all() and all(valid_grid((row + 1).tolist()) for row in y)
-    x2, y2 = task.train_batch('easy', 16, torch.Generator().manual_seed(5))
-    x3, _ = task.train_batch('easy', 16, torch.Generator().manual_seed(6))
+    assert all(1 <= rounds_of_singles(row.tolist()) <= 4 for row in x)
+    x2, y2 = task.train_batch('r1-4', 16, torch.Generator().manual_seed(5))
+    x3, _ = task.train_batch('r1-4', 16, torch.Generator().manual_seed(6))
     assert torch.equal(x, x2) and torch.equal(y, y2) and not torch.equal(x, x3)
 
 
 def test_sudoku_same_seed_same_puzzles_any_workers():
-    a = tasks.generate_sudoku('medium', 'train', 6, 3, workers=1, verbose=False)
-    b = tasks.generate_sudoku('medium', 'train', 6, 3, workers=2, verbose=False)
-    c = tasks.generate_sudoku('medium', 'train', 6, 4, workers=1, verbose=False)
+    a = tasks.generate_sudoku('r5-8', 'train', 6, 3, workers=1, verbose=False)
+    b = tasks.generate_sudoku('r5-8', 'train', 6, 3, workers=2, verbose=False)
+    c = tasks.generate_sudoku('r5-8', 'train', 6, 4, workers=1, verbose=False)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a['puzzles'], c['puzzles'])
 
 
 def test_sudoku_train_and_test_pools_share_no_equivalent_puzzle(sudoku_pools, sudoku_cache, monkeypatch):
     rng = random.Random(0)
-    grids = tasks.generate_sudoku('easy', 'train', 4, 0, verbose=False)['solutions'].tolist()
+    grids = tasks.generate_sudoku('r1-4', 'train', 4, 0, verbose=False)['solutions'].tolist()
     grids += [p['solutions'][0].tolist() for p in sudoku_pools.values()]
     for grid in grids:                                  # the class is invariant under independent transforms
         assert all(tasks.grid_class(transform_grid(grid, rng)) == tasks.grid_class(grid) for _ in range(5))
     assert {tasks.grid_class(g) for g in grids} == {0, 1}
     monkeypatch.setenv('LOOPED_SUDOKU_POOL', '6')       # any transform of a training puzzle is class 0 ...
-    x, y = tasks.Sudoku(cache_dir=sudoku_cache).train_batch('easy', 32, torch.Generator().manual_seed(0))
+    x, y = tasks.Sudoku(cache_dir=sudoku_cache).train_batch('r1-4', 32, torch.Generator().manual_seed(0))
     assert all(tasks.grid_class((row + 1).tolist()) == 0 for row in y)
     for pool in sudoku_pools.values():                  # ... and every evaluation puzzle is class 1
         assert all(tasks.grid_class(s) == 1 for s in pool['solutions'].tolist())
@@ -526,7 +622,7 @@ def test_sudoku_train_and_test_pools_share_no_equivalent_puzzle(sudoku_pools, su
 
 def test_sudoku_score_checks_rules_and_givens(sudoku_pools):
     task = tasks.Sudoku()
-    solution = torch.tensor(sudoku_pools['easy']['solutions'][0].tolist())
+    solution = torch.tensor(sudoku_pools['r1-4']['solutions'][0].tolist())
     x = torch.where(solution <= 2, solution, 0)         # givens: the 1s and 2s
     split = {'x': x[None], 'y': solution[None] - 1}
     score = lambda grid: task.score(torch.nn.functional.one_hot(grid[None] - 1, 9).float(), split)
@@ -545,11 +641,11 @@ def test_sudoku_score_checks_rules_and_givens(sudoku_pools):
 
 
 def test_sudoku_corrupt_cache_is_regenerated(tmp_path, capsys):
-    first = tasks.sudoku_pool('easy', 'train', 3, 7, cache_dir=str(tmp_path), verbose=False)
+    first = tasks.sudoku_pool('r1-4', 'train', 3, 7, cache_dir=str(tmp_path), verbose=False)
     [path] = tmp_path.iterdir()
     for garbage in (b'not a cache file', path.read_bytes()[:100]):
         path.write_bytes(garbage)
-        again = tasks.sudoku_pool('easy', 'train', 3, 7, cache_dir=str(tmp_path))
+        again = tasks.sudoku_pool('r1-4', 'train', 3, 7, cache_dir=str(tmp_path))
         assert all((first[k] == again[k]).all() for k in first)
         assert 'regenerating' in capsys.readouterr().out
 
@@ -557,15 +653,15 @@ def test_sudoku_corrupt_cache_is_regenerated(tmp_path, capsys):
 def test_sudoku_bad_input_is_a_one_line_error(monkeypatch):
     with pytest.raises(tasks.TaskError, match='unknown sudoku tier'):
         tasks.Sudoku().parse_difficulty('nightmare')
-    for bad in (((16, 30), (0, 0)), ((30, 82), (0, 0)), ((40, 30), (0, 0)), ((30, 40), (2, 1))):
+    for bad in (('rounds', 0, 4), ('rounds', 5, 4), ('guesses', -1, 2), ('clues', 17, 20)):
         monkeypatch.setitem(tasks.SUDOKU_TIERS, 'bad', bad)
-        with pytest.raises(tasks.TaskError, match='need 17 <= clues <= 81'):
+        with pytest.raises(tasks.TaskError, match='need rounds >= 1 or guesses >= 0'):
             tasks.sudoku_pool('bad', 'train', 2, 0, verbose=False)
         with pytest.raises(tasks.TaskError, match="tier 'bad'"):
             tasks.Sudoku()
     with pytest.raises(tasks.TaskError, match='at least 1 puzzle'):
-        tasks.generate_sudoku('easy', 'train', 0, 0)
-    monkeypatch.setitem(tasks.SUDOKU_TIERS, 'bad', ((45, 45), (5, 5)))     # unreachable: gives up, never hangs
+        tasks.generate_sudoku('r1-4', 'train', 0, 0)
+    monkeypatch.setitem(tasks.SUDOKU_TIERS, 'bad', ('rounds', 60, 60))      # unreachable: gives up, never hangs
     monkeypatch.setattr(tasks, 'MAX_ATTEMPTS', 3)
     with pytest.raises(tasks.TaskError, match='in 3 attempts'):
         tasks.generate_sudoku('bad', 'train', 1, 0, verbose=False)
@@ -582,11 +678,12 @@ def test_sudoku_train_script_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / 'out'
     r = run_script('train.py', '--task', 'sudoku', '--max_steps', '2', '--batch_size', '4', '--d_model', '16',
                    '--n_head', '2', '--n_iters', '2', '--eval_n', '3', '--eval_batch', '3', '--log_interval', '1',
-                   '--eval_difficulties', 'easy,hard', '--out_dir', str(out))
+                   '--eval_difficulties', 'r1-4,g1-2', '--out_dir', str(out), '--max_iters', '5')
     assert r.returncode == 0, r.stderr
     rows = json.loads((out / 'eval.json').read_text())['rows']
-    assert [row['difficulty'] for row in rows] == ['easy', 'hard']
-    assert all(set(s) == {'cell', 'exact'} for row in rows for s in row['scores'].values())
+    assert [row['difficulty'] for row in rows] == ['r1-4', 'g1-2']
+    assert all(set(s) == {'cell', 'exact'} for row in rows for s in [*row['scores'].values(), row['halt']['scores']])
+    assert all(2 <= row['halt']['mean_iters'] <= row['halt']['max_iters'] <= 5 for row in rows)   # n_iters, then up to the cap
 
 
 # ------------------------------------------------------------------------------------------ analyze

@@ -228,17 +228,35 @@ def evaluate(model, task, split, iter_counts, batch_size=128, ctx=nullcontext())
     return {t: task.score(torch.cat(logits[t]), split) for t in counts}
 
 
+@torch.no_grad()
+def evaluate_rule(model, task, split, batch_size=128, ctx=nullcontext()):
+    """Scores of `split` under the model's default test-time rule (model.run: halting where the
+    config asks for it), and the iterations it used per example (N,)."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits, used = [], []
+    for i in range(0, len(split['x']), batch_size):
+        with ctx:
+            out, n = model.run(split['x'][i:i + batch_size].to(device))
+        logits.append(out.float().cpu())
+        used.append(n.cpu())
+    return task.score(torch.cat(logits), split), torch.cat(used)
+
+
 def final_table(model, task, tc, ctx):
     """Accuracy (task.headline) on every evaluation difficulty against test-time iterations, as
     multiples of the default iteration rule for that difficulty (x1 is the rule itself). Where the
     rule grows with length (cfg.scale_iters) a row costs length x iterations per example, so longer
-    rows use fewer examples: eval_n x block_size / length, at least 32."""
+    rows use fewer examples: eval_n x block_size / length, at least 32. With a halting rule
+    (cfg.halt_tol) the 'halt' column is the default rule itself, model(idx), and 'iters' the mean
+    iterations it used."""
     cfg, head = model.cfg, task.headline
     diffs = [task.parse_difficulty(s) for s in tc.eval_difficulties.split(',')] if tc.eval_difficulties else list(task.eval_difficulties)
     mults = [float(s) for s in tc.eval_mults.split(',')] if tc.eval_mults else list(task.eval_mults)
-    rows = []
+    rows, halts = [], cfg.halt_tol > 0
     print(f"\n{head} accuracy (%) on fresh examples, against test-time iterations (multiples of the default rule):")
-    print(f"{'difficulty':>10} | {'n':>5} | {'rule':>5} |" + ''.join(f"{'x' + format(m, 'g'):>7}" for m in mults) + ' | seconds')
+    print(f"{'difficulty':>10} | {'n':>5} | {'rule':>5} |" + ''.join(f"{'x' + format(m, 'g'):>7}" for m in mults) +
+          (f" | {'halt':>5} {'iters':>6}" if halts else '') + ' | seconds')
     for diff in diffs:
         t0 = time.time()
         split = task.eval_set(diff, tc.eval_n, tc.seed)
@@ -250,8 +268,13 @@ def final_table(model, task, tc, ctx):
         counts = [max(1, round(m * rule)) for m in mults]
         scores = evaluate(model, task, split, counts, tc.eval_batch, ctx)
         rows.append({'difficulty': diff, 'n': len(split['x']), 'rule_iters': rule, 'mults': mults, 'iters': counts,
-                     'scores': {str(t): s for t, s in scores.items()}, 'seconds': round(time.time() - t0, 1)})
+                     'scores': {str(t): s for t, s in scores.items()}})
         cells = ''.join(f"{100 * scores[t][head]:7.1f}" for t in counts)
+        if halts:
+            score, used = evaluate_rule(model, task, split, tc.eval_batch, ctx)
+            rows[-1]['halt'] = {'scores': score, 'mean_iters': used.float().mean().item(), 'max_iters': used.max().item()}
+            cells += f" | {100 * score[head]:5.1f} {rows[-1]['halt']['mean_iters']:6.1f}"
+        rows[-1]['seconds'] = round(time.time() - t0, 1)
         print(f"{str(diff):>10} | {len(split['x']):5d} | {rule:5d} |{cells} | {rows[-1]['seconds']:7.1f}", flush=True)
     return rows
 
