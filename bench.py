@@ -38,16 +38,16 @@ def bench_sudoku(args):
     with tempfile.TemporaryDirectory() as cache_dir:
         task = tasks.Sudoku(cache_dir=cache_dir)
         task.pool_size = 200
-        task.train_batch('easy', 1, torch.Generator())    # builds the pool (not timed)
+        task.train_batch('r1-4', 1, torch.Generator())    # builds the pool (not timed)
         gen = torch.Generator().manual_seed(0)
         print(f"\n{'train_batch':>12} | {'puzzles/s':>10}")
         for batch in (64, 1024):
-            rate = per_second(lambda: task.train_batch('easy', batch, gen), batch)
+            rate = per_second(lambda: task.train_batch('r1-4', batch, gen), batch)
             print(f"{'batch ' + str(batch):>12} | {rate:10.0f}")
 
     # (b) base puzzles per tier, generated from scratch (no cache), in 1 and 2 worker processes
-    sizes = {'easy': 100, 'medium': 100, 'tough': 24, 'hard': 24, 'expert': 16}
-    print(f"\n{'tier':>8} | {'puzzles':>7} | {'1 worker /s':>11} | {'2 workers /s':>12} | {'clues':>5} | {'guesses':>7}")
+    sizes = {'r1-4': 100, 'r5-8': 100, 'r9-16': 100, 'r17+': 16, 'g1-2': 24, 'g3+': 16}
+    print(f"\n{'tier':>8} | {'puzzles':>7} | {'1 worker /s':>11} | {'2 workers /s':>12} | {'clues':>5} | {'rounds':>6} | {'guesses':>7}")
     for tier, n in sizes.items():
         rates = []
         for workers in (1, 2):
@@ -55,8 +55,8 @@ def bench_sudoku(args):
             pool = tasks.generate_sudoku(tier, 'test', n, 0, workers=workers, verbose=False)
             rates.append(n / (time.perf_counter() - t0))
         clues = (pool['puzzles'] > 0).sum(1).float().mean()
-        guesses = pool['guesses'].float().mean()
-        print(f"{tier:>8} | {n:7d} | {rates[0]:11.1f} | {rates[1]:12.1f} | {clues:5.1f} | {guesses:7.2f}")
+        rounds, guesses = pool['rounds'].float().mean(), pool['guesses'].float().mean()
+        print(f"{tier:>8} | {n:7d} | {rates[0]:11.1f} | {rates[1]:12.1f} | {clues:5.1f} | {rounds:6.1f} | {guesses:7.2f}")
 
 
 # ----------------------------------------------------------------------------------------- step
