@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from looped import LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, load_weights, check_fields, one_line, pick_device, GRAPHS, MAX_ITERS
+from looped import LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, load_weights, config_from_dict, check_fields, one_line, pick_device, GRAPHS, MAX_ITERS
 from tasks import get_task, token_scores, TaskError
 
 
@@ -313,6 +313,7 @@ def check_resumable(ckpt, cfg, tc, path):
     if missing:
         raise CheckpointError(f"{path} holds no training state to resume from (missing: {', '.join(missing)}); "
                               f"start a new run, or load its weights with LoopedTransformer.from_checkpoint")
+    config_from_dict(ckpt['config']['model'], path)        # a readable config first: unknown keys, wrong types
     if ckpt['config']['model'] != asdict(cfg):
         diff = sorted(k for k in asdict(cfg) if ckpt['config']['model'].get(k) != getattr(cfg, k))
         raise CheckpointError(f"{path} was trained with a different model config (differs in: {', '.join(diff)})")
