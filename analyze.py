@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, fields, asdict
 
@@ -49,7 +50,7 @@ import torch
 from torch.func import jvp, vjp
 from torch.nn.attention import sdpa_kernel, SDPBackend
 
-from looped import LoopedTransformer, CheckpointError, load_checkpoint
+from looped import LoopedTransformer, CheckpointError, load_checkpoint, check_fields, one_line, pick_device, MAX_ITERS
 from tasks import get_task
 from train import evaluate, field_help, OneLineParser
 
@@ -71,6 +72,28 @@ class AnalyzeConfig:
     seed: int = 0            # seeds the examples and the random directions
     json: str = ''           # write every number to this file
     plot: str = ''           # write PNG figures to this folder (needs matplotlib)
+
+    BOUNDS = dict(max_cost='[1, inf)', batch='[1, 2**16]', reach_mult='(0, 1000]', power_iters='[1, 10000]',
+                  krylov='[1, 1000]', tol='(0, 1]', gmres_tol='(0, 1)', eps='(0, 1]', halt_tol='[0, inf)',
+                  overthink='[0, 1]', seed='[0, 2**63)')   # allowed values (check_fields)
+
+    def validate(self):
+        """Raise ValueError with a one-line message for a flag that cannot be meant or a path that cannot be written."""
+        check_fields(self)
+        pick_device(self.device)
+        if self.json and not can_write(self.json):
+            raise ValueError(f"--json {self.json} cannot be written: it must name a file in an existing, writable folder")
+        if self.plot and not can_write(self.plot, folder=True):
+            raise ValueError(f"--plot {self.plot} cannot be written: it must name a folder (made if missing) where files can be written")
+        return self
+
+
+def can_write(path, folder=False):
+    """Whether path can be written as a file (in an existing folder), or made and filled as a folder."""
+    if os.path.exists(path):
+        return os.path.isdir(path) == folder and os.access(path, os.W_OK)
+    parent = os.path.dirname(os.path.abspath(path))
+    return can_write(parent, True) if folder else os.path.isdir(parent) and os.access(parent, os.W_OK)
 
 
 TINY = 1e-30
@@ -283,6 +306,10 @@ def prepare(path, cfg):
         splits['hard'] = (hard, task.eval_set(hard, cfg.batch, cfg.seed))
         if cfg.hard or cost(splits['hard'][1]) <= cfg.max_cost * cost(splits['easy'][1]):
             break
+    for name, (diff, split) in splits.items():
+        if cfg.reach_mult * model.default_iters(split['x'].size(1)) > MAX_ITERS:
+            raise ValueError(f"{path}: reaching the fixed point on {name} inputs ({diff}) would take {cfg.reach_mult:g} x "
+                             f"{model.default_iters(split['x'].size(1))} iterations, above {MAX_ITERS}; lower --reach_mult or --hard")
     return dict(path=path, step=ckpt.get('step'), model=model, task=task, splits=splits)
 
 
@@ -388,16 +415,15 @@ def parse_args(argv=None):
     for f in fields(AnalyzeConfig):
         p.add_argument(f'--{f.name}', type=type(f.default), default=f.default, help=f'{helps[f.name]} [{f.default}]')
     args = vars(p.parse_args(argv))
-    return args.pop('ckpt'), AnalyzeConfig(**args)
+    paths = args.pop('ckpt')
+    try:
+        return paths, AnalyzeConfig(**args).validate()
+    except ValueError as err:
+        raise SystemExit(f"analyze.py: error: {err}")
 
 
 def main(argv=None):
     paths, cfg = parse_args(argv)
-    if min(cfg.batch, cfg.power_iters, cfg.krylov) < 1 or cfg.reach_mult <= 0:
-        raise SystemExit("analyze.py: error: need batch, power_iters, krylov >= 1 and reach_mult > 0")
-    if not (cfg.device == 'cpu' or cfg.device.startswith('cuda') and torch.cuda.is_available()
-            or cfg.device == 'mps' and torch.backends.mps.is_available()):
-        raise SystemExit(f"analyze.py: error: --device {cfg.device} is unknown or not available here")
     try:
         checkpoints = [prepare(path, cfg) for path in paths]    # every file checked before the long part
         records = []
@@ -405,7 +431,7 @@ def main(argv=None):
             records.append(analyze_checkpoint(c, cfg))
             print_checkpoint(records[-1])
     except (CheckpointError, ValueError) as err:                # TaskError is a ValueError
-        raise SystemExit(f"analyze.py: error: {str(err).splitlines()[0]}")
+        raise SystemExit(f"analyze.py: error: {one_line(err)}")
     if len(records) > 1:
         print_comparison(records)
     try:
@@ -420,4 +446,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("analyze.py: interrupted; nothing was written", file=sys.stderr)
+        raise SystemExit(130)

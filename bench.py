@@ -12,16 +12,19 @@ A benchmark is a function bench_<name>(args) printing a small table; add it to B
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import tasks
-from looped import LoopedConfig, LoopedTransformer, window_mask
+from looped import LoopedConfig, LoopedTransformer, window_mask, check_fields, pick_device
+from train import field_help, OneLineParser
 
 
 def per_second(fn, items, min_seconds=1.0):
@@ -133,16 +136,14 @@ STEP_CONFIGS = {  # name: (LoopedConfig fields, batch size)
 def bench_step(args):
     """Training step of LoopedTransformer vs the TorchLayerLoop baseline, same loop, same sizes.
     Rounds alternate the two models; the ratio is taken within each round, then the median."""
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == 'bfloat16' else nullcontext()
     print(f"device {device} | threads {torch.get_num_threads()} | dtype {args.dtype} | compile {args.compile} | "
           f"{args.rounds} rounds x {args.repeats} steps, medians")
     print(f"{'config':>8} | {'ours ms':>8} | {'torch layer ms':>14} | {'ratio ours/torch':>16}")
     for name in args.configs.split(','):
-        if name not in STEP_CONFIGS:
-            raise SystemExit(f"bench.py: error: unknown step config {name!r}; choose from {', '.join(STEP_CONFIGS)}")
-        fields, batch = STEP_CONFIGS[name]
-        cfg = LoopedConfig(**{**fields, **({'window': args.window} if args.window else {})})
+        config, batch = STEP_CONFIGS[name]
+        cfg = LoopedConfig(**{**config, **({'window': args.window} if args.window else {})})
         torch.manual_seed(0)
         models = {'ours': LoopedTransformer(cfg).to(device), 'torch': TorchLayerLoop(cfg).to(device)}
         steps = {k: torch.compile(m.step) if args.compile else m.step for k, m in models.items()}
@@ -173,17 +174,52 @@ def bench_chess(args):
 
 BENCHMARKS = {'step': bench_step, 'sudoku': bench_sudoku, 'chess': bench_chess}
 
+
+@dataclass
+class BenchConfig:
+    device: str = 'auto'                # step: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = 'float32'              # step: autocast dtype, float32 | bfloat16
+    compile: bool = False               # step: torch.compile the loop body of both models
+    configs: str = 'readme,long,large'  # step: comma list of readme, long, large
+    window: int = 0                     # step: attention window for both models (0 = full)
+    rounds: int = 5                     # step: alternating rounds
+    repeats: int = 5                    # step: timed steps per round (after 2 warm-up steps)
+
+    BOUNDS = dict(window='[0, 2**20]', rounds='[1, 1000]', repeats='[1, 1000]')   # allowed values (check_fields)
+
+    def validate(self):
+        check_fields(self)
+        pick_device(self.device)
+        if self.dtype not in ('float32', 'bfloat16'):
+            raise ValueError(f"unknown dtype {self.dtype!r}; use float32 or bfloat16")
+        unknown = [c for c in self.configs.split(',') if c not in STEP_CONFIGS]
+        if unknown:
+            raise ValueError(f"unknown step config {unknown[0]!r}; choose from {', '.join(STEP_CONFIGS)}")
+        return self
+
+
+def parse_args(argv=None):
+    """(benchmark name, BenchConfig) from the command line, or a one-line error."""
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('name', help=f"one of: {', '.join(BENCHMARKS)}")
+    helps = field_help(BenchConfig)
+    for f in fields(BenchConfig):
+        kind = dict(action='store_true') if isinstance(f.default, bool) else dict(type=type(f.default), default=f.default)
+        p.add_argument(f'--{f.name}', help=f'{helps[f.name]} [{f.default}]', **kind)
+    args = vars(p.parse_args(argv))
+    name = args.pop('name')
+    if name not in BENCHMARKS:
+        raise SystemExit(f"bench.py: error: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    try:
+        return name, BenchConfig(**args).validate()
+    except ValueError as err:
+        raise SystemExit(f"bench.py: error: {err}")
+
+
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('name', help=f"one of: {', '.join(BENCHMARKS)}")
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='step: device')
-    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='step: autocast dtype')
-    parser.add_argument('--compile', action='store_true', help='step: torch.compile the loop body of both models')
-    parser.add_argument('--configs', default='readme,long,large', help=f"step: comma list of {', '.join(STEP_CONFIGS)}")
-    parser.add_argument('--window', type=int, default=0, help='step: attention window for both models (0 = full)')
-    parser.add_argument('--rounds', type=int, default=5, help='step: alternating rounds')
-    parser.add_argument('--repeats', type=int, default=5, help='step: timed steps per round (after 2 warm-up steps)')
-    args = parser.parse_args()
-    if args.name not in BENCHMARKS:
-        raise SystemExit(f"bench.py: error: unknown benchmark {args.name!r}; choose one of {', '.join(BENCHMARKS)}")
-    BENCHMARKS[args.name](args)
+    name, args = parse_args()
+    try:
+        BENCHMARKS[name](args)
+    except KeyboardInterrupt:
+        print("bench.py: interrupted", file=sys.stderr)
+        raise SystemExit(130)

@@ -18,6 +18,8 @@ block's residual stream; recall + outer normalization is the paper's stable regi
 """
 
 import math
+import numbers
+import re
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -29,6 +31,45 @@ INNER_NORMS = ('pre', 'post', 'none')
 INIT_STATES = ('embed', 'zeros', 'noise')
 POSITIONS = ('rope', 'learned', 'none')
 GRAPHS = {'all': None, 'sudoku': 81, 'chess': 64}   # attention graph -> the token count it is drawn for
+MAX_ITERS = 100_000      # loop iterations in one call: more is a typo, not a plan (hours of silence)
+TYPE_WORDS = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
+
+
+def check_fields(cfg):
+    """Check every field of a config dataclass: it has its default's type, floats are finite, and it
+    lies in cfg.BOUNDS[name], an interval like '[0, 1)' or '(0, inf)' ('2**k' allowed). Raises
+    ValueError with a one-line message saying what is allowed. Shared by every script's config."""
+    num = lambda s: 2 ** int(s[3:]) if s.startswith('2**') else int(s) if re.fullmatch(r'-?\d+', s) else float(s)
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), type(f.default)
+        if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+                or kind is float and type(value) is int):
+            raise ValueError(f"{f.name} must be {TYPE_WORDS[kind]}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if f.name not in cfg.BOUNDS:
+            continue
+        left, lo, hi, right = re.fullmatch(r'([\[(])(.+), (.+)([\])])', cfg.BOUNDS[f.name]).groups()
+        lo, hi = num(lo), num(hi)
+        if value < lo or value > hi or (left == '(' and value == lo) or (right == ')' and value == hi):
+            allowed = f"{'>' if left == '(' else '>='} {lo}" if hi == math.inf else f"in {cfg.BOUNDS[f.name].replace('**', '^')}"
+            raise ValueError(f"{f.name} must be {allowed}, got {value}")
+
+
+def pick_device(name):
+    """torch.device for auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps, or a ValueError
+    saying why it cannot be used here."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if not re.fullmatch(r'cpu|mps|cuda(:\d+)?', name):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f"device {name} asked for, but no CUDA device is available")
+    if name.startswith('cuda:') and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device {name} asked for, but there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if name == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError("device mps asked for, but MPS is not available")
+    return torch.device(name)
 
 
 @dataclass
@@ -54,16 +95,18 @@ class LoopedConfig:
     halt_tol: float = 0.0        # default rule: > 0 = after n_iters, go on per example until ||h_t+1 - h_t|| / ||h_t|| < halt_tol
     max_iters: int = 0           # cap of the halting rule (0: 8 x n_iters)
 
+    BOUNDS = dict(vocab_size='[2, 2**20]', n_classes='[2, 2**20]', block_size='[1, 2**20]', d_model='[1, 8192]',
+                  n_head='[1, 8192]', mlp_ratio='[1, 64]', n_iters=f'[1, {MAX_ITERS}]', window='[0, inf)',
+                  halt_tol='[0, inf)', max_iters=f'[0, {MAX_ITERS}]')   # allowed values (check_fields)
+
     def validate(self):
         """Raise ValueError with a one-line message if the configuration is impossible."""
+        check_fields(self)
         for name, value, allowed in (('recall', self.recall, RECALLS), ('inner_norm', self.inner_norm, INNER_NORMS),
                                      ('init_state', self.init_state, INIT_STATES), ('pos', self.pos, POSITIONS),
                                      ('graph', self.graph, tuple(GRAPHS))):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-        for name in ('vocab_size', 'n_classes', 'block_size', 'd_model', 'n_head', 'mlp_ratio', 'n_iters'):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.pos == 'rope' and (self.d_model // self.n_head) % 2:
@@ -75,6 +118,9 @@ class LoopedConfig:
         if GRAPHS[self.graph] and self.pos == 'learned' and self.block_size != GRAPHS[self.graph]:
             raise ValueError(f"graph {self.graph!r} is drawn for {GRAPHS[self.graph]} tokens, but block_size is {self.block_size}")
         return self
+
+    def default_iters(self, T):  # the model's rule for length T (LoopedTransformer.default_iters), before any model is built
+        return math.ceil(self.n_iters * T / self.block_size) if self.scale_iters else self.n_iters
 
 
 class Rotary(nn.Module):
@@ -229,7 +275,12 @@ class LoopedTransformer(nn.Module):
     # --- the pieces of the loop; analyze.py differentiates through step() ---
 
     def embed(self, idx):  # idx: (B, T) -> e: (B, T + bos, d)
-        T = idx.size(1)
+        if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            kind = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise TypeError(f"the model takes a LongTensor (B, T) of token ids, got {kind}")
+        if idx.dim() != 2:
+            raise ValueError(f"the model takes token ids of shape (B, T), got shape {tuple(idx.shape)}")
+        idx, T = idx.long(), idx.size(1)
         if self.pos_emb is not None and T > self.cfg.block_size:
             raise ValueError(f"input length {T} exceeds block_size {self.cfg.block_size} of learned positions")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
@@ -263,9 +314,7 @@ class LoopedTransformer(nn.Module):
         """The fixed part of the iteration rule (never looks at labels; training and test alike):
         n_iters, or with cfg.scale_iters a fixed number per token, ceil(n_iters * T / block_size),
         shorter and longer inputs alike. With cfg.halt_tol the rule goes on from here (see run)."""
-        if self.cfg.scale_iters:
-            return math.ceil(self.cfg.n_iters * T / self.cfg.block_size)
-        return self.cfg.n_iters
+        return self.cfg.default_iters(T)
 
     def max_iters(self, T):
         """The cap of the halting rule: cfg.max_iters, or 8 x default_iters(T)."""
@@ -282,6 +331,8 @@ class LoopedTransformer(nn.Module):
         until its state stops moving, ||h_{t+1} - h_t|| / ||h_t|| < halt_tol, or max_iters(T) is
         reached. Inputs whose size says nothing of their difficulty (sudoku) get the iterations
         they need this way; labels are never read."""
+        if n_iters is not None and (not isinstance(n_iters, numbers.Integral) or isinstance(n_iters, bool) or not 0 <= n_iters <= MAX_ITERS):
+            raise ValueError(f"n_iters must be None (the default rule) or an integer in [0, {MAX_ITERS}], got {n_iters!r}")
         e = self.embed(idx)
         h = self.initial_state(e)
         fixed = self.default_iters(idx.size(1)) if n_iters is None else n_iters
@@ -319,15 +370,22 @@ class LoopedTransformer(nn.Module):
         one-line message for a missing, corrupt or incompatible file."""
         ckpt = load_checkpoint(path, map_location)
         model = cls(config_from_dict(ckpt['config']['model'], path))
-        try:
-            model.load_state_dict(ckpt['model'])
-        except RuntimeError as err:
-            raise CheckpointError(f"{path}: weights do not match the stored config ({str(err).splitlines()[0]})")
+        load_weights(model, ckpt['model'], path)
         return model.eval()
 
 
 class CheckpointError(Exception):
     """A checkpoint is missing, unreadable, or does not fit the model asked for."""
+
+
+def one_line(err):
+    """An exception as one whole line for a user: its first line (else its type's name), and of a long
+    line its first sentence; never cut mid-word."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].strip() if lines else type(err).__name__
+    if len(text) > 160 and '. ' in text[:160]:
+        text = text[:text.index('. ') + 1]
+    return text
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -338,11 +396,25 @@ def load_checkpoint(path, map_location='cpu'):
         raise CheckpointError(f"no checkpoint at {path}")
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory, not a checkpoint (try {path}/ckpt.pt)")
-    except Exception as err:  # truncated zip, pickle garbage, wrong file type ...
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model' not in ckpt.get('config', {}):
+    except EOFError:
+        raise CheckpointError(f"{path} is empty or cut short, not a readable checkpoint")
+    except Exception as err:  # truncated zip, pickle garbage, wrong file type, no permission ...
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {one_line(err)})")
+    config = ckpt.get('config') if isinstance(ckpt, dict) else None
+    if (not isinstance(config, dict) or not isinstance(config.get('model'), dict) or not isinstance(config.get('train', {}), dict)
+            or not isinstance(ckpt.get('model'), dict)):
         raise CheckpointError(f"{path} is not a looped checkpoint (missing model weights or config)")
     return ckpt
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state), a CheckpointError if the weights do not fit the model's config."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, KeyError) as err:
+        lines = str(err).strip().splitlines()          # torch: a heading, then one line per problem
+        detail = lines[1].strip().rstrip('.') if len(lines) > 1 else one_line(err)
+        raise CheckpointError(f"{path}: weights do not match the stored config ({detail})")
 
 
 def config_from_dict(d, source='checkpoint'):
@@ -352,8 +424,8 @@ def config_from_dict(d, source='checkpoint'):
         raise CheckpointError(f"{source}: unknown model config keys {sorted(unknown)}")
     try:
         return LoopedConfig(**d).validate()
-    except ValueError as err:
-        raise CheckpointError(f"{source}: {err}")
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{source}: bad model config: {one_line(err)}")
 
 
 def config_to_dict(cfg):

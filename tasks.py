@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
 import time
 import zlib
@@ -33,6 +34,8 @@ import chess
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from looped import one_line
 
 CACHE_DIR = os.environ.get('LOOPED_CACHE', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data'))
 
@@ -51,6 +54,11 @@ def token_scores(logits, y, solved=None):
     right = (pred == y) & labelled
     exact = (right | ~labelled).all(dim=1) if solved is None else solved
     return {'token': right.sum().item() / max(labelled.sum().item(), 1), 'exact': exact.float().mean().item()}
+
+
+def worker_pool(workers):
+    """A process pool whose workers ignore Ctrl-C: the parent stops them, no traceback per worker."""
+    return multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def _digest(payload):
@@ -82,6 +90,13 @@ def cached(name, version, params, build, cache_dir=None, verbose=True):
     cache_dir = cache_dir or CACHE_DIR
     tag = '_'.join(f'{k}{v}' for k, v in sorted(params.items()))
     path = os.path.join(cache_dir, f'{name}_v{version}_{tag}.pt')
+    try:                                                # an unusable cache fails now, not after the build
+        os.makedirs(cache_dir, exist_ok=True)
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, 'is a directory, not a cache file', path)
+    except OSError as err:
+        raise TaskError(f"cannot use the data cache {err.filename or cache_dir}: {err.strerror} "
+                        f"(set LOOPED_CACHE to a writable folder)")
     why = None
     if os.path.exists(path):
         try:
@@ -97,10 +112,14 @@ def cached(name, version, params, build, cache_dir=None, verbose=True):
         if verbose:
             print(f"cache {path} is {why}; regenerating")
     payload = build()
-    os.makedirs(cache_dir, exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
-    torch.save({'version': version, 'params': params, 'sha256': _digest(payload), 'payload': payload}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({'version': version, 'params': params, 'sha256': _digest(payload), 'payload': payload}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:             # disk full, folder gone: keep the data, say why it is not cached
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        print(f"cache {path} not written ({one_line(err)}); continuing without it")
     return payload
 
 
@@ -147,7 +166,7 @@ class PrefixSums:
         return self.make(torch.randint(0, 2, (n, length), generator=gen))
 
     def eval_set(self, length, n, seed):
-        gen = torch.Generator().manual_seed(1_000_003 * seed + length)  # disjoint from training streams
+        gen = torch.Generator().manual_seed((1_000_003 * seed + length) % 2 ** 64)  # disjoint from training streams
         x, y = self.make(torch.randint(0, 2, (n, length), generator=gen))
         return {'x': x, 'y': y}
 
@@ -401,7 +420,7 @@ def generate_sudoku(tier, split, n, seed, workers=1, verbose=True):
         raise TaskError(f"a sudoku pool is for 'train' or 'test', got {split!r}")
     tag = [zlib.crc32(tier.encode()), zlib.crc32(split.encode()), seed % 2 ** 63]
     jobs = [(spec, int(split == 'test'), tag + [i]) for i in range(n)]
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    pool = worker_pool(workers) if workers > 1 else None
     results, t0, shown = [], time.time(), time.time()
     try:
         for result in (pool.imap(make_puzzle, jobs, chunksize=4) if pool else map(make_puzzle, jobs)):
@@ -746,7 +765,7 @@ def generate_puzzles(wanted, workers=None, have=None):
     done_to = {k: ps[-1]['seed'] if ps else -1 for k, ps in streams.items()}   # a prefix covers seeds up to here
     open_streams = lambda: [k for k in sorted(wanted) if len(streams[k]) < wanted[k]]
     seed, workers = min((done_to[k] + 1 for k in open_streams()), default=0), workers or os.cpu_count() or 1
-    pool = multiprocessing.Pool(workers) if workers > 1 and open_streams() else None
+    pool = worker_pool(workers) if workers > 1 and open_streams() else None
     try:
         while open_streams():
             jobs = [(s, tuple(k for k in open_streams() if s > done_to[k])) for s in range(seed, seed + 16 * workers)]

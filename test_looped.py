@@ -395,6 +395,113 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     assert again.returncode != 0 and 'already exists' in again.stderr
 
 
+BAD_FLAGS = [['--lr', '-1'], ['--beta2', '1'], ['--grad_clip', '-1'], ['--log_interval', '0'], ['--seed', str(2 ** 64)],
+             ['--vocab_size', '1'], ['--eval_mults', 'abc'], ['--eval_mults', 'nan'], ['--eval_mults', '0'], ['--eval_batch', '0'],
+             ['--pos', 'learned', '--eval_difficulties', '8,32'], ['--device', 'foo'], ['--n_iters', '100000000'],
+             ['--eval_mults', '1e12'], ['--weight_decay', '-1']]
+
+
+def test_bad_flags_are_refused_before_anything_is_built_or_written(tmp_path):
+    """Every flag is checked up front: a one-line error, no out_dir made, and an existing run
+    untouched even with --overwrite."""
+    train.main(quick_args(tmp_path / 'old', '--max_steps', '1'))
+    before = {f: (tmp_path / 'old' / f).read_bytes() for f in ('ckpt.pt', 'eval.json')}
+    for args in BAD_FLAGS:
+        for out_dir, extra in ((tmp_path / 'new', []), (tmp_path / 'old', ['--overwrite'])):
+            with pytest.raises(SystemExit) as err:
+                train.main(quick_args(out_dir, *args, *extra))
+            assert str(err.value).startswith('train.py: error: ') and '\n' not in str(err.value), (args, err.value)
+    assert not (tmp_path / 'new').exists()
+    assert before == {f: (tmp_path / 'old' / f).read_bytes() for f in ('ckpt.pt', 'eval.json')}
+
+
+@pytest.mark.parametrize('script,args', [
+    ('analyze', ['ckpt.pt', '--eps', '0']), ('analyze', ['ckpt.pt', '--halt_tol', '-1']), ('analyze', ['ckpt.pt', '--max_cost', '-1']),
+    ('analyze', ['ckpt.pt', '--device', 'foo']), ('analyze', ['ckpt.pt', '--json', '/no/such/folder/d.json']),
+    ('bench', ['step', '--rounds', '0']), ('bench', ['step', '--device', 'foo']), ('bench', ['step', '--configs', 'readme,nope']),
+])
+def test_analyze_and_bench_flags_are_checked_up_front(script, args):
+    module = analyze if script == 'analyze' else __import__('bench')
+    with pytest.raises(SystemExit) as err:
+        module.parse_args(args)
+    assert str(err.value).startswith(f'{script}.py: error: ') and '\n' not in str(err.value)
+
+
+def test_non_finite_final_state_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
+    """The last step turns the weights NaN (the loss it reported was finite): the end-of-run save
+    refuses, the run stops with one line, and the good checkpoint of step 2 stays byte for byte."""
+    train.main(quick_args(tmp_path, '--max_steps', '2'))
+    good = (tmp_path / 'ckpt.pt').read_bytes()
+    step = torch.optim.AdamW.step
+
+    def poisoned(self, *args, **kw):
+        out = step(self, *args, **kw)
+        if self.state[self.param_groups[0]['params'][0]]['step'] == 4:
+            for group in self.param_groups:
+                for p in group['params']:
+                    p.data.fill_(math.nan)
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, 'step', poisoned)
+    with pytest.raises(SystemExit) as err:
+        train.main(quick_args(tmp_path, '--max_steps', '4', '--resume'))
+    assert 'not finite at step 4' in str(err.value) and 'step 2' in str(err.value)
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good and not (tmp_path / 'run.lock').exists()
+
+
+def test_a_claimed_out_dir_is_refused_and_a_stale_claim_taken_over(tmp_path):
+    import socket
+    (tmp_path / 'run.lock').write_text(f'{socket.gethostname()} {os.getpid()}')    # a live run: this process
+    with pytest.raises(SystemExit) as err:
+        train.main(quick_args(tmp_path, '--max_steps', '1'))
+    assert f'in use by another run (pid {os.getpid()}' in str(err.value) and not (tmp_path / 'ckpt.pt').exists()
+    assert (tmp_path / 'run.lock').exists()                                          # the other run's claim stays
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    (tmp_path / 'run.lock').write_text(f'{socket.gethostname()} {dead.pid}')         # its run died without releasing
+    train.main(quick_args(tmp_path, '--max_steps', '1'))
+    assert (tmp_path / 'ckpt.pt').exists() and not (tmp_path / 'run.lock').exists()
+
+
+def test_unreadable_checkpoints_give_one_line_everywhere(tmp_path):
+    """An empty file, a checkpoint without optimizer state and one whose weights do not fit its
+    config: one whole line from from_checkpoint, train --resume and analyze.py."""
+    train.main(quick_args(tmp_path / 'good', '--max_steps', '1'))
+    ckpt = torch.load(tmp_path / 'good' / 'ckpt.pt', weights_only=True)
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'ckpt.pt').write_bytes(b'')
+    (tmp_path / 'noopt').mkdir()
+    torch.save({k: v for k, v in ckpt.items() if k != 'optimizer'}, tmp_path / 'noopt' / 'ckpt.pt')
+    (tmp_path / 'mismatch').mkdir()
+    ckpt['model']['tok_emb.weight'] = torch.zeros(3, 32)
+    torch.save(ckpt, tmp_path / 'mismatch' / 'ckpt.pt')
+    for name, words in (('empty', 'empty'), ('noopt', 'no training state'), ('mismatch', 'do not match')):
+        path = tmp_path / name / 'ckpt.pt'
+        with pytest.raises(SystemExit) as err:
+            train.main(quick_args(tmp_path / name, '--max_steps', '2', '--resume'))
+        assert words in str(err.value) and '\n' not in str(err.value), err.value
+        if name != 'noopt':                                                          # its weights load fine
+            with pytest.raises(CheckpointError, match=words) as err:
+                LoopedTransformer.from_checkpoint(path)
+            with pytest.raises(SystemExit) as err:
+                analyze.main([str(path)])
+            assert words in str(err.value) and '\n' not in str(err.value)
+
+
+@pytest.mark.parametrize('bad,words', [
+    (torch.zeros(5, dtype=torch.long), 'shape'), (torch.zeros(1, 2, 3, dtype=torch.long), 'shape'), ([[0, 1, 1]], 'LongTensor'),
+    (np.zeros((2, 3), dtype=np.int64), 'LongTensor'), (torch.zeros(2, 3), 'LongTensor'), (torch.full((2, 3), 2), 'token ids'),
+])
+def test_model_call_checks_its_input(bad, words):
+    model = LoopedTransformer(tiny_config())
+    with pytest.raises((TypeError, ValueError), match=words):
+        model(bad)
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    for n in (-3, 2.5, 10 ** 9):
+        with pytest.raises(ValueError, match='n_iters'):
+            model(idx, n_iters=n)
+    assert model(idx.int(), n_iters=0).shape == (2, 3, 2)
+
+
 def test_ddp_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo), each on half of the same global batch, logs the same
     losses and ends at the same weights as one process (to float round-off)."""

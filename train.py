@@ -17,6 +17,8 @@ import math
 import os
 import re
 import signal
+import socket
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict, fields
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from looped import LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint
+from looped import LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, load_weights, config_from_dict, check_fields, one_line, pick_device, GRAPHS, MAX_ITERS
 from tasks import get_task, token_scores, TaskError
 
 
@@ -58,6 +60,37 @@ class TrainConfig:
     eval_mults: str = ''           # final table columns: comma list of multiples of the default iteration rule ('' = the task's)
     eval_batch: int = 128          # evaluation batch size
     peak_flops: float = 0.0        # device peak FLOP/s for MFU (0 = look the device up in a small table)
+
+    BOUNDS = dict(seed='[0, 2**63)', batch_size='[1, 2**20]', max_steps='[0, inf)', lr='[0, inf)', min_lr='[0, inf)',
+                  warmup_steps='[0, inf)', weight_decay='[0, inf)', beta2='[0, 1)', grad_clip='[0, inf)', alpha='[0, 1]',
+                  tbptt='[0, inf)', log_interval='[1, inf)', eval_interval='[0, inf)', ckpt_interval='[0, inf)',
+                  eval_n='[1, 2**20]', eval_batch='[1, 2**20]', peak_flops='[0, inf)')   # allowed values (check_fields)
+
+    def validate(self, task):
+        """Raise ValueError (TaskError) with a one-line message for any field that cannot be meant."""
+        check_fields(self)
+        if not self.out_dir:
+            raise ValueError("out_dir must name a folder")
+        pick_device(self.device)
+        if self.dtype not in ('auto', 'float32', 'bfloat16'):
+            raise ValueError(f"unknown dtype {self.dtype!r}; use auto, float32 or bfloat16")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}; the schedule decays from lr to min_lr")
+        if self.resume and self.overwrite:
+            raise ValueError("pass --resume to continue the run in out_dir or --overwrite to replace it, not both")
+        self.eval_plan(task)
+        return self
+
+    def eval_plan(self, task):
+        """The final table's difficulties and iteration multiples: the flags, else the task's."""
+        diffs = [task.parse_difficulty(s) for s in self.eval_difficulties.split(',')] if self.eval_difficulties else list(task.eval_difficulties)
+        try:
+            mults = [float(s) for s in self.eval_mults.split(',')] if self.eval_mults else list(task.eval_mults)
+        except ValueError:
+            mults = [math.nan]
+        if not all(math.isfinite(m) and m > 0 for m in mults):
+            raise ValueError(f"eval_mults must be a comma list of positive numbers (multiples of the iteration rule), got {self.eval_mults!r}")
+        return diffs, mults
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -107,15 +140,7 @@ def setup_device(tc):
     """Returns (device, rank, world_size, local_rank); starts torch.distributed under torchrun."""
     ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
     rank, world, local = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))) if ddp else (0, 1, 0)
-    want = tc.device
-    if want == 'auto':
-        want = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if want.startswith('cuda') and not torch.cuda.is_available():
-        raise SystemExit(f"train.py: error: --device {tc.device} asked for, but no CUDA device is available")
-    if want == 'mps' and not torch.backends.mps.is_available():
-        raise SystemExit("train.py: error: --device mps asked for, but MPS is not available")
-    if want not in ('cpu', 'mps') and not want.startswith('cuda'):
-        raise SystemExit(f"train.py: error: unknown device {tc.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    want = str(pick_device(tc.device))                   # checked in TrainConfig.validate
     if ddp:
         if want.startswith('cuda'):
             want = f'cuda:{local}'
@@ -126,8 +151,6 @@ def setup_device(tc):
 
 def autocast_context(tc, device):
     use_bf16 = tc.dtype == 'bfloat16' or (tc.dtype == 'auto' and device.type == 'cuda' and torch.cuda.is_bf16_supported())
-    if tc.dtype not in ('auto', 'float32', 'bfloat16'):
-        raise SystemExit(f"train.py: error: unknown dtype {tc.dtype!r}; use auto, float32 or bfloat16")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
@@ -251,8 +274,7 @@ def final_table(model, task, tc, ctx):
     (cfg.halt_tol) the 'halt' column is the default rule itself, model(idx), and 'iters' the mean
     iterations it used."""
     cfg, head = model.cfg, task.headline
-    diffs = [task.parse_difficulty(s) for s in tc.eval_difficulties.split(',')] if tc.eval_difficulties else list(task.eval_difficulties)
-    mults = [float(s) for s in tc.eval_mults.split(',')] if tc.eval_mults else list(task.eval_mults)
+    diffs, mults = tc.eval_plan(task)
     rows, halts = [], cfg.halt_tol > 0
     print(f"\n{head} accuracy (%) on fresh examples, against test-time iterations (multiples of the default rule):")
     print(f"{'difficulty':>10} | {'n':>5} | {'rule':>5} |" + ''.join(f"{'x' + format(m, 'g'):>7}" for m in mults) +
@@ -287,8 +309,13 @@ def save_checkpoint(path, model, optimizer, tc, step, gen):
             'config': {'model': asdict(model.cfg), 'train': asdict(tc)},
             'data_rng': gen.get_state(), 'torch_rng': torch.get_rng_state()}
     tmp = f'{path}.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:                  # disk full, folder gone: the old checkpoint stays
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f"cannot write {path} ({one_line(err)})")
 
 
 def write_json(path, obj):
@@ -304,7 +331,12 @@ RESUME_MAY_CHANGE = {'out_dir', 'resume', 'overwrite', 'device', 'compile', 'max
 
 def check_resumable(ckpt, cfg, tc, path):
     """A run resumes only with the config it was started with (fields that don't change the
-    training trajectory excepted)."""
+    training trajectory excepted), from a checkpoint train.py wrote with its optimizer state."""
+    missing = sorted({'optimizer', 'step', 'data_rng', 'torch_rng'} - set(ckpt))
+    if missing:
+        raise CheckpointError(f"{path} holds no training state to resume from (missing: {', '.join(missing)}); "
+                              f"start a new run, or load its weights with LoopedTransformer.from_checkpoint")
+    config_from_dict(ckpt['config']['model'], path)        # a readable config first: unknown keys, wrong types
     if ckpt['config']['model'] != asdict(cfg):
         diff = sorted(k for k in asdict(cfg) if ckpt['config']['model'].get(k) != getattr(cfg, k))
         raise CheckpointError(f"{path} was trained with a different model config (differs in: {', '.join(diff)})")
@@ -314,33 +346,125 @@ def check_resumable(ckpt, cfg, tc, path):
         raise CheckpointError(f"{path} was trained with a different training config (differs in: {', '.join(diff)})")
 
 
+def restore(ckpt, model, optimizer, gen, path):
+    """Load a checked checkpoint's weights, optimizer and random streams; returns its step."""
+    load_weights(model, ckpt['model'], path)
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        gen.set_state(ckpt['data_rng'])
+        torch.set_rng_state(ckpt['torch_rng'])
+        return int(ckpt['step'])
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path} has a damaged training state ({one_line(err)})")
+
+
+def claim_out_dir(out_dir):
+    """Create out_dir and take it for this run with a lock file holding our host and pid (made by an
+    atomic link, so two runs started together cannot both pass). A lock left by a dead process on
+    this host is taken over. Returns a function that releases it (and removes out_dir if this run
+    made it and left it empty)."""
+    lock, me = os.path.join(out_dir, 'run.lock'), f'{socket.gethostname()} {os.getpid()}'
+    made = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = f'{lock}.{os.getpid()}.tmp'
+        with open(tmp, 'w') as f:
+            f.write(me)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, lock)
+                    break
+                except FileExistsError:
+                    owner = open(lock).read().split()
+                    host, pid = (owner[0], int(owner[1])) if len(owner) == 2 and owner[1].isdigit() else ('?', 0)
+                    if host == me.split()[0] and pid and not pid_alive(pid):
+                        os.remove(lock)                 # stale: its run died without releasing it
+                        continue
+                    raise SystemExit(f"train.py: error: {out_dir} is in use by another run (pid {pid} on {host}); "
+                                     f"wait for it or choose another --out_dir (delete {lock} if that run is gone)")
+        finally:
+            os.remove(tmp)
+    except OSError as err:
+        raise SystemExit(f"train.py: error: cannot use --out_dir {out_dir}: {err.strerror} ({err.filename})")
+
+    def release():
+        try:
+            if open(lock).read() == me:
+                os.remove(lock)
+            if made:
+                os.rmdir(out_dir)                           # fails, as it should, unless empty
+        except OSError:
+            pass
+    return release
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                 # someone else's process
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------------------------- main
 
-def build_config(tc, model_overrides, task, train_difficulty):
-    values = {**task.model_defaults(train_difficulty), **model_overrides}
-    try:
-        return LoopedConfig(**values).validate()
-    except ValueError as err:
-        raise SystemExit(f"train.py: error: {err}")
-
-
-def main(argv=None):
+def configure(argv=None):
+    """Every flag, checked against the task before anything is built: (tc, cfg, task, training
+    difficulty), or a one-line error saying what is allowed."""
     train_overrides, model_overrides = parse_args(argv)
     try:
         task = get_task(train_overrides.get('task', TrainConfig.task))
-        tc = TrainConfig(**{**task.train_defaults, **train_overrides})   # dataclass < task < command line
+        tc = TrainConfig(**{**task.train_defaults, **train_overrides}).validate(task)   # dataclass < task < command line
         train_diff = task.parse_difficulty(tc.train_difficulty) if tc.train_difficulty else task.train_difficulty
-        if tc.eval_difficulties:
-            [task.parse_difficulty(s) for s in tc.eval_difficulties.split(',')]
-    except TaskError as err:
+        need = task.model_defaults(train_diff)
+        cfg = LoopedConfig(**{**need, **model_overrides}).validate()
+        for name in ('vocab_size', 'n_classes'):
+            if getattr(cfg, name) < need[name]:
+                raise ValueError(f"task {task.name} needs {name} >= {need[name]}, got {getattr(cfg, name)}")
+        diffs, mults = tc.eval_plan(task)
+        for diff in [train_diff, *diffs]:
+            L = task.model_defaults(diff)['block_size']           # the length of the task's inputs at diff
+            if cfg.pos == 'learned' and L > cfg.block_size:
+                raise ValueError(f"learned positions cover block_size {cfg.block_size} tokens, but difficulty {diff} "
+                                 f"has {L}; use --pos rope or a larger --block_size")
+            if GRAPHS[cfg.graph] not in (None, L):
+                raise ValueError(f"graph {cfg.graph!r} is drawn for {GRAPHS[cfg.graph]} tokens, but difficulty {diff} has {L}")
+            if max(mults) * cfg.default_iters(L) > MAX_ITERS:
+                raise ValueError(f"the final table would run {max(mults):g} x {cfg.default_iters(L)} iterations at "
+                                 f"difficulty {diff}, above {MAX_ITERS}; lower --eval_mults or --eval_difficulties")
+    except ValueError as err:                                      # TaskError is a ValueError
         raise SystemExit(f"train.py: error: {err}")
-    if tc.batch_size < 1 or tc.max_steps < 0 or not 0 <= tc.alpha <= 1 or tc.tbptt < 0 or tc.eval_n < 1:
-        raise SystemExit("train.py: error: need batch_size >= 1, max_steps >= 0, 0 <= alpha <= 1, tbptt >= 0, eval_n >= 1")
-    cfg = build_config(tc, model_overrides, task, train_diff)
+    return tc, cfg, task, train_diff
+
+
+def main(argv=None):
+    tc, cfg, task, train_diff = configure(argv)
     device, rank, world, local = setup_device(tc)
-    master = rank == 0
     if tc.batch_size % world:
         raise SystemExit(f"train.py: error: batch_size {tc.batch_size} is not divisible by {world} processes")
+    release = claim_out_dir(tc.out_dir) if rank == 0 else (lambda: None)
+    path, saved = os.path.join(tc.out_dir, 'ckpt.pt'), {}   # saved: what this run has written, for the last word
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        run(tc, cfg, task, train_diff, device, rank, world, saved)
+    except KeyboardInterrupt:                               # outside the training loop (setup, the final table)
+        done = f"{path} holds step {saved['step']}" if 'step' in saved else f"nothing was written to {tc.out_dir}"
+        print(f"interrupted {saved.get('phase', 'before training')}: {done}", file=sys.stderr)
+        raise SystemExit(130)
+    except (TaskError, CheckpointError, OSError) as err:
+        done = f"; {path} holds step {saved['step']}" if 'step' in saved else ''
+        raise SystemExit(f"train.py: error: {one_line(err)}{done}")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        release()
+
+
+def run(tc, cfg, task, train_diff, device, rank, world, saved):
+    """Train (or resume) and write the final table; records each checkpoint written in `saved`."""
+    master = rank == 0
     torch.manual_seed(tc.seed)
     model = LoopedTransformer(cfg).to(device)
     optimizer = make_optimizer(model, tc)
@@ -351,20 +475,16 @@ def main(argv=None):
         try:
             ckpt = load_checkpoint(path, device)
             check_resumable(ckpt, cfg, tc, path)
+            step = restore(ckpt, model, optimizer, gen, path)
         except CheckpointError as err:
             raise SystemExit(f"train.py: error: cannot resume: {err}")
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        gen.set_state(ckpt['data_rng'])
-        torch.set_rng_state(ckpt['torch_rng'])
-        step = ckpt['step']
+        saved['step'] = step
         if master:
             print(f"resuming {path} at step {step}")
     elif os.path.exists(path) and not tc.overwrite:
         raise SystemExit(f"train.py: error: {path} already exists; pass --resume to continue it, "
                          f"--overwrite to replace it, or another --out_dir")
     if master:
-        os.makedirs(tc.out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"task {task.name} ({train_diff}) | recall {cfg.recall} | inner {cfg.inner_norm} | outer_norm {cfg.outer_norm} | "
               f"d {cfg.d_model} | iters {cfg.n_iters} | {n_params / 1e3:.1f}k params | {device} x{world}")
@@ -372,19 +492,30 @@ def main(argv=None):
     loss_module = ProgressiveLoss(model, tc.alpha, tc.tbptt, tc.compile)
     if tc.compile and device.type == 'cpu' and master:
         print("note: --compile on CPU compiles with the C++ backend; expect a long first step and little gain")
+    if master:  # rank 0 builds an uncached training pool alone (before Ctrl-C waits for steps); the others read it from the cache
+        task.train_batch(train_diff, 1, torch.Generator())
     if world > 1:
         loss_module = torch.nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == 'cuda' else None,
                                                                 find_unused_parameters=cfg.recall == 'none')
-        if master:  # rank 0 builds an uncached training pool alone; the others then read it from the cache
-            task.train_batch(train_diff, 1, torch.Generator())
         torch.distributed.barrier()
     ctx = autocast_context(tc, device)
     peak = peak_flops(tc, device)
     local_b = tc.batch_size // world
-    last_good = step if tc.resume else None                       # newest checkpoint whose weights are finite
+    kept = lambda: f"the last good checkpoint (step {saved['step']}) is kept in {path}" if 'step' in saved else "no checkpoint was written"
+
+    def save(step):  # every save, the last one too: a checkpoint with non-finite weights never replaces a good one
+        state = [*model.parameters(), *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+        if not all(torch.isfinite(t).all() for t in state):
+            raise SystemExit(f"train.py: error: weights are not finite at step {step}; stopping, {kept()}")
+        if master:
+            if tc.overwrite and 'step' not in saved and os.path.exists(os.path.join(tc.out_dir, 'eval.json')):
+                os.remove(os.path.join(tc.out_dir, 'eval.json'))   # it described the checkpoint being replaced
+            save_checkpoint(path, model, optimizer, tc, step, gen)
+        saved['step'] = step
+
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # Ctrl-C: finish the step, save, exit
-    t_log, steps_since_log = time.time(), 0
+    t_log, steps_since_log, first_step = time.time(), 0, step + 1
     while step < tc.max_steps:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
@@ -404,12 +535,11 @@ def main(argv=None):
             torch.distributed.all_reduce(shared)
         loss_value, stop = shared[0].item() / world, shared[1].item() > 0
         if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint (step {last_good}) is kept in {path}" if last_good is not None else "no checkpoint was written"
-            raise SystemExit(f"train.py: error: loss is {loss_value} at step {step}; stopping, {kept}")
+            raise SystemExit(f"train.py: error: loss is {loss_value} at step {step}; stopping, {kept()}")
         optimizer.step()
         step += 1
         steps_since_log += 1
-        if master and (step % tc.log_interval == 0 or step == tc.max_steps):
+        if master and (step % tc.log_interval == 0 or step in (first_step, tc.max_steps)):   # the first: the pace, early
             dt = (time.time() - t_log) / steps_since_log
             acc = token_scores(logits.detach().float().cpu(), y.cpu())['exact']   # whole sequences, this batch
             flops = tc.batch_size * model.flops_per_iter(x.size(1)) * (fwd_iters + 2 * grad_iters)  # the loop counted
@@ -422,20 +552,16 @@ def main(argv=None):
             score = evaluate(model, task, split, [cfg.n_iters], tc.eval_batch, ctx)[cfg.n_iters]
             print(f"eval step {step} | {task.headline} {100 * score[task.headline]:.1f}% on {train_diff} at {cfg.n_iters} iters")
         if stop or (tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps):
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise SystemExit(f"train.py: error: weights are not finite at step {step}; stopping, "
-                                 f"the last good checkpoint (step {last_good}) is kept in {path}")
-            if master:
-                save_checkpoint(path, model, optimizer, tc, step, gen)
-            last_good = step
+            save(step)
         if stop:
             if master:
                 print(f"interrupted: saved step {step} to {path}; continue with --resume")
             raise SystemExit(130)
     signal.signal(signal.SIGINT, previous_handler)
+    save(step)
     if master:
-        save_checkpoint(path, model, optimizer, tc, step, gen)
         print(f"saved {path} (step {step})")
+        saved['phase'] = 'during the final table (eval.json not written)'
         rows = final_table(model, task, tc, ctx)
         write_json(os.path.join(tc.out_dir, 'eval.json'),
                    {'config': {'model': asdict(cfg), 'train': asdict(tc)}, 'step': step, 'headline': task.headline, 'rows': rows})
