@@ -847,9 +847,10 @@ def decode_move(logits, board):
 
 
 class Chess:
-    """Mate in N: 64 squares in, the first move of the forced mate out: each square scores the 64
-    squares its piece could move to, logits[from, to], and training is one softmax over the
-    position's legal moves (choice_loss), so the whole loss is spent on the decision that is scored. Difficulty is the mate depth N, spelled '2', or a range '1-2' for training
+    """Mate in N: 64 squares in, the first move of the forced mate out: a score for every pair of
+    squares, logits[from, to] (the model's pair head: the from-square's query against the
+    to-square's key), and training is one softmax over the position's legal moves (choice_loss),
+    so the whole loss is spent on the decision that is scored. Difficulty is the mate depth N, spelled '2', or a range '1-2' for training
     on several depths. Depth is the easy-to-hard axis because the input never grows: proving a mate
     in N takes 2N-1 plies of look-ahead, so deeper mates ask for more reasoning steps from the same
     64 tokens, which is what extra loop iterations can supply. We train on mates in 1 and 2 and test
@@ -874,8 +875,8 @@ class Chess:
         self.verdicts = {}        # (fen, move, N) -> solves; predictions recur across iteration counts
 
     def model_defaults(self, diff):
-        return dict(vocab_size=13, n_classes=64, block_size=64, pos='learned', causal=False, scale_iters=False,
-                    graph='chess', d_model=64, n_head=4, n_iters=8)
+        return dict(vocab_size=13, n_classes=64, pair_head=True, block_size=64, pos='learned', causal=False,
+                    scale_iters=False, graph='chess', d_model=64, n_head=4, n_iters=8)
 
     def parse_difficulty(self, s):
         m = re.fullmatch(r'(\d)(?:-(\d))?', str(s))

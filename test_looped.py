@@ -42,6 +42,17 @@ def test_every_variant_builds_and_shapes(recall, inner, outer):
     assert model(idx, n_iters=5).shape == (3, 8, 2)
 
 
+def test_pair_head_scores_token_pairs():
+    model = LoopedTransformer(tiny_config(pair_head=True)).eval()
+    idx = torch.randint(0, 2, (3, 8))
+    logits = model(idx, n_iters=2)
+    assert logits.shape == (3, 8, 8)
+    e = model.embed(idx)
+    h = model.step(model.step(model.initial_state(e), e), e)
+    q, k = model.head(model.ln_f(h)).chunk(2, -1)
+    assert torch.allclose(logits[1, 2, 5], q[1, 2] @ k[1, 5] / 16 ** 0.5, atol=1e-6)
+
+
 @pytest.mark.parametrize('recall,inner,outer', list(itertools.product(RECALLS, INNER_NORMS, (True, False))))
 def test_every_variant_trains(recall, inner, outer):
     """60 Adam steps on one fixed batch halve the progressive loss, for all 18 variants. The target,
