@@ -865,9 +865,9 @@ class Chess:
     eval_difficulties = ('1', '2', '3')
     eval_mults = (0.5, 1, 2, 4)
     headline = 'move'
-    train_defaults = {}
+    train_defaults = dict(batch_size=32, lr=2e-3, warmup_steps=100, max_steps=1400)   # ~25 min on one busy CPU thread
     loss = staticmethod(choice_loss)
-    train_pool = 1250             # training puzzles per mate depth (each also seen a<->h mirrored)
+    train_pool = 1625             # training puzzles per mate depth (each also seen a<->h mirrored)
     test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
 
     def __init__(self):
@@ -938,8 +938,11 @@ def get_task(name):
 
 
 if __name__ == '__main__':
-    # python tasks.py chess_puzzles: (re)write the shipped puzzle file with the default pool sizes
-    if sys.argv[1:] != ['chess_puzzles']:
-        raise SystemExit("usage: python tasks.py chess_puzzles")
-    write_puzzle_file({(1, 'train'): Chess.train_pool, (2, 'train'): Chess.train_pool,
-                       **{(d, 'test'): Chess.test_pool for d in range(1, MAX_DEPTH + 1)}})
+    # python tasks.py chess_puzzles [N]: (re)write the shipped puzzle file with at least the default pool
+    # sizes (N training puzzles per depth if given), keeping every puzzle it already holds
+    if sys.argv[1:2] != ['chess_puzzles'] or len(sys.argv) > 3 or not all(a.isdigit() for a in sys.argv[2:]):
+        raise SystemExit("usage: python tasks.py chess_puzzles [training puzzles per depth]")
+    n_train = int(sys.argv[2]) if len(sys.argv) == 3 else Chess.train_pool
+    sizes = {(1, 'train'): n_train, (2, 'train'): n_train, **{(d, 'test'): Chess.test_pool for d in range(1, MAX_DEPTH + 1)}}
+    held = read_puzzle_file()
+    write_puzzle_file({k: max(n, len(held.get(k, []))) for k, n in sizes.items()})
