@@ -6,6 +6,7 @@ A looped (weight-tied) transformer, after "Stability and Generalization in Loope
     h_0 = e | 0 | noise                              initial state              (B, T, d)
     h_{t+1} = N_out( B(h_t, e) )                     one iteration F(h_t, e)    (B, T, d)
     logits  = head( LN(h_t) )                        readout after any t        (B, T, n_classes)
+              or q_i . k_j / sqrt(d), (q, k) = head(LN(h_t))   with pair_head   (B, T, T)
 
 Recall (how the input re-enters the loop):
     none      B(h, e) = Block(h)                     input only in h_0: the map h -> F(h) is the same
@@ -75,7 +76,8 @@ def pick_device(name):
 @dataclass
 class LoopedConfig:
     vocab_size: int = 2          # input token ids are 0..vocab_size-1
-    n_classes: int = 2           # output classes per token
+    n_classes: int = 2           # output classes per token (unused with pair_head)
+    pair_head: bool = False      # score token pairs instead: logits[i, j] = q_i . k_j / sqrt(d), (B, T, T) (chess: from i to j)
     block_size: int = 32         # training length; 'learned' positions cap inputs at this length
     d_model: int = 64            # width of the loop state
     n_head: int = 4              # attention heads
@@ -259,7 +261,7 @@ class LoopedTransformer(nn.Module):
         self.block = Block(cfg)
         self.ln_out = nn.LayerNorm(d, bias=cfg.bias) if cfg.outer_norm else nn.Identity()  # N_out
         self.ln_f = nn.LayerNorm(d, bias=cfg.bias)
-        self.head = nn.Linear(d, cfg.n_classes, bias=cfg.bias)
+        self.head = nn.Linear(d, 2 * d if cfg.pair_head else cfg.n_classes, bias=cfg.bias)
         self.apply(self._init_weights)
         if self.recall_proj is not None:   # start W [h ; e] near h: the loop first carries its state forward
             with torch.no_grad():
@@ -307,8 +309,12 @@ class LoopedTransformer(nn.Module):
             h = self.recall_proj(torch.cat((h, e), -1))              # W [h ; e]
         return self.ln_out(self.block(h, e))
 
-    def readout(self, h):  # (B, T + bos, d) -> logits (B, T, n_classes)
-        return self.head(self.ln_f(h[:, 1:] if self.cfg.bos else h))
+    def readout(self, h):  # (B, T + bos, d) -> logits (B, T, n_classes), or (B, T, T) with pair_head
+        out = self.head(self.ln_f(h[:, 1:] if self.cfg.bos else h))
+        if not self.cfg.pair_head:
+            return out
+        q, k = out.chunk(2, dim=-1)                                   # (B, T, d) each
+        return q @ k.transpose(1, 2) * q.size(-1) ** -0.5             # (B, T, T)
 
     def default_iters(self, T):
         """The fixed part of the iteration rule (never looks at labels; training and test alike):

@@ -15,7 +15,9 @@ Every task has the same small shape, which train.py and analyze.py rely on:
     task.train_batch(diff, n, gen) -> x (n, L) long, y (n, L) long; drawn from a torch.Generator
     task.eval_set(diff, n, seed)   -> dict with x, y (and whatever score() needs), fixed by the seed
     task.score(logits, split)      -> dict of accuracies in [0, 1]; task.headline names the main one
-Targets use -100 for positions that carry no label (ignored by the loss).
+    task.loss(logits, y)           optional: the training loss (default: cross-entropy per token)
+Targets use -100 for positions that carry no label (ignored by the loss). A target shaped like the
+logits marks one choice per example instead (see choice_loss).
 """
 
 import hashlib
@@ -48,7 +50,12 @@ class TaskError(ValueError):
 
 def token_scores(logits, y, solved=None):
     """Per-token accuracy over labelled positions and whole-sequence (exact) accuracy.
-    logits (N, L, C), y (N, L) with -100 unlabelled; `solved` (N,) overrides the exact check."""
+    logits (N, L, C), y (N, L) with -100 unlabelled; `solved` (N,) overrides the exact check.
+    With y shaped like logits (one choice per example, see choice_loss) both are the choice's accuracy."""
+    if y.shape == logits.shape:
+        pred = logits.flatten(1).masked_fill(y.flatten(1) == -100, float('-inf')).argmax(1)    # (N,)
+        right = (y.flatten(1).gather(1, pred[:, None])[:, 0] == 1).float().mean().item()
+        return {'token': right, 'exact': right}
     pred = logits.argmax(-1)
     labelled = y != -100
     right = (pred == y) & labelled
@@ -59,6 +66,14 @@ def token_scores(logits, y, solved=None):
 def worker_pool(workers):
     """A process pool whose workers ignore Ctrl-C: the parent stops them, no traceback per worker."""
     return multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+
+
+def choice_loss(logits, y):
+    """Cross-entropy of one choice per example, a softmax over all the entries it allows: logits and
+    y of one shape (N, ...), y 1 on the answer, 0 on the other allowed entries and -100 on entries
+    that are not allowed (they get no probability). Chess: the legal moves of a position."""
+    scores = logits.flatten(1).float().masked_fill(y.flatten(1) == -100, float('-inf'))  # (N, K)
+    return F.cross_entropy(scores, y.flatten(1).argmax(1))
 
 
 def _digest(payload):
@@ -540,11 +555,11 @@ class Sudoku:
 # into play (claimable draws are ignored, as in puzzle books). Stalemate is a draw, never a mate; a
 # side without mating material simply finds no mate, so insufficient material needs no rule.
 
-CHESS_VERSION = 1
+CHESS_VERSION = 2
 MAX_DEPTH = 3                 # deepest mate the tiers offer (mate in 3 costs ~1-4 s of search per puzzle)
 PLAYOUT_SHARE = 0.5           # share of candidate seeds that are game playouts (the rest: sparse endgames)
 MAX_PLIES = 100               # a playout that has not ended in mate by then is dropped
-TEST_SHARE = 4                # one position in TEST_SHARE (by a hash of the position) belongs to the test side
+TEST_SHARE = 4                # one position in TEST_SHARE (by a hash) is a test candidate; its game feeds no training puzzle
 PUZZLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'puzzles_chess.txt')
 FLIP_FILES = [sq ^ 7 for sq in range(64)]   # a <-> h mirror of square indices, a symmetry without castling
 EDGE_SQUARES = [sq for sq in range(64) if sq % 8 in (0, 7) or sq // 8 in (0, 7)]
@@ -727,8 +742,8 @@ def position_key(board):
 
 
 def key_side(key):
-    """'train' or 'test' from a hash of the position key: a position, its colour-swapped twin and
-    its mirror image always land on the same side, so the two sides never share a puzzle."""
+    """'train' or 'test' from a hash of a position key (a position, its colour-swapped twin and its
+    mirror image hash alike)."""
     return 'test' if hashlib.sha256(key.encode()).digest()[0] % TEST_SHARE == 0 else 'train'
 
 
@@ -736,21 +751,34 @@ def puzzles_at(seed, wanted):
     """What one seed gives the (depth, side) streams in `wanted`: {(depth, side): puzzle}, a puzzle
     being dict(seed, kind, fen, move, key). The seed draws its kind, then either one random game
     (its position 2N-1 plies before the mate is the mate-in-N candidate) or one sparse endgame (the
-    candidate for every N); a candidate is searched only for the side its position hashes to."""
+    candidate for every N). The split is by game: a candidate is a test puzzle if its position
+    hashes to test, a training puzzle only if none of its game's candidate positions (every depth)
+    does, so no game feeds both sides."""
     if not wanted:
         return {}
     rng = random.Random(seed)
     if rng.random() < PLAYOUT_SHARE:
         kind, game = 'playout', _playout(rng)
-        boards = {depth: _before_mate(game, depth) for depth, _ in wanted}
+        boards = {depth: _before_mate(game, depth) for depth in range(1, MAX_DEPTH + 1)}
+        positions = []                                    # every candidate position, castling rights or not
+        if game.is_checkmate():
+            position = game.copy()
+            for _ in range(min(2 * MAX_DEPTH - 1, len(game.move_stack))):
+                position.pop()
+                positions.append(position.copy(stack=False))
+            positions = positions[::2]
     else:
         kind, board = 'endgame', _endgame(rng)
-        boards = {depth: board for depth, _ in wanted}
+        boards, positions = {depth: board for depth in range(1, MAX_DEPTH + 1)}, [board]
+    test_game = any(key_side(position_key(p)) == 'test' for p in positions)
     found, memo = {}, {}
     for depth, side in sorted(wanted):
         board = boards[depth]
-        key = board and position_key(board)
-        move = board and key_side(key) == side and solve_puzzle(board, depth, memo)
+        if board is None:
+            continue
+        key = position_key(board)
+        ours = key_side(key) == 'test' if side == 'test' else not test_game
+        move = ours and solve_puzzle(board, depth, memo)
         if move:
             found[(depth, side)] = {'seed': seed, 'kind': kind, 'fen': board.fen(), 'move': move.uci(), 'key': key}
     return found
@@ -824,7 +852,7 @@ def write_puzzle_file(sizes, path=PUZZLE_FILE, workers=None):
 
 def chess_pool(depth, side, count):
     """The first `count` puzzles of the (depth, side) stream as tensors (the shipped file's prefix,
-    then generation), through the on-disk cache: dict(x (count, 64), y (count, 64), fen, move, kind)."""
+    then generation), through the on-disk cache: dict(x (count, 64), y (count, 64, 64) int8, fen, move, kind)."""
     def build():
         have = read_puzzle_file()
         if len(have.get((depth, side), [])) < count:
@@ -832,7 +860,7 @@ def chess_pool(depth, side, count):
         puzzles = generate_puzzles({(depth, side): count}, have=have)[(depth, side)]
         boards = [chess.Board(p['fen']) for p in puzzles]
         return {'x': torch.stack([encode_board(b) for b in boards]),
-                'y': torch.stack([encode_move(b, chess.Move.from_uci(p['move'])) for b, p in zip(boards, puzzles)]),
+                'y': torch.stack([encode_move(b, chess.Move.from_uci(p['move'])) for b, p in zip(boards, puzzles)]).to(torch.int8),
                 'fen': [p['fen'] for p in puzzles], 'move': [p['move'] for p in puzzles], 'kind': [p['kind'] for p in puzzles]}
     return cached('chess', CHESS_VERSION, {'depth': depth, 'side': side, 'n': count}, build)
 
@@ -850,27 +878,39 @@ def encode_board(board):
     return x
 
 
+def model_moves(board):
+    """The moves the model chooses among: the legal ones, promotions to a queen only (the encoding
+    has no promotion piece)."""
+    return [m for m in board.legal_moves if m.promotion in (None, chess.QUEEN)]
+
+
 def encode_move(board, move):
-    """Targets (64,): 1 on the from-square, 2 on the to-square of `move`, 0 elsewhere (encoded frame)."""
-    y = torch.zeros(64, dtype=torch.long)
-    y[_frame(move.from_square, board)], y[_frame(move.to_square, board)] = 1, 2
+    """Targets (64, 64), entry [from, to] in the encoded frame for each move: 1 for `move`, 0 for the
+    other legal moves, -100 for the rest (not legal: no probability under choice_loss)."""
+    y = torch.full((64, 64), -100, dtype=torch.long)
+    for m in model_moves(board):
+        y[_frame(m.from_square, board), _frame(m.to_square, board)] = 0
+    y[_frame(move.from_square, board), _frame(move.to_square, board)] = 1
     return y
 
 
 def decode_move(logits, board):
-    """The legal move of `board` with the highest log p(from) + log p(to) under logits (64, 3) in the
-    encoded frame. A promotion is read as a queen (the encoding has no promotion piece)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    p_from, p_to = logp[:, 1].tolist(), logp[:, 2].tolist()
-    moves = [m for m in board.legal_moves if m.promotion in (None, chess.QUEEN)]
+    """The legal move of `board` with the highest score logits[from, to], logits (64, 64) in the
+    encoded frame: the argmax of choice_loss's softmax. A promotion is read as a queen."""
+    if logits.shape != (64, 64):
+        raise TaskError(f"chess logits are (64, 64) scores of from x to squares, got {tuple(logits.shape)}")
+    moves = model_moves(board)
     if not moves:
         raise TaskError(f"no legal move in {board.fen()!r}")
-    return max(moves, key=lambda m: p_from[_frame(m.from_square, board)] + p_to[_frame(m.to_square, board)])
+    scores = logits.float().tolist()
+    return max(moves, key=lambda m: scores[_frame(m.from_square, board)][_frame(m.to_square, board)])
 
 
 class Chess:
-    """Mate in N: 64 squares in, the first move of the forced mate out (class 1 on its from-square,
-    2 on its to-square). Difficulty is the mate depth N, spelled '2', or a range '1-2' for training
+    """Mate in N: 64 squares in, the first move of the forced mate out: a score for every pair of
+    squares, logits[from, to] (the model's pair head: the from-square's query against the
+    to-square's key), and training is one softmax over the position's legal moves (choice_loss),
+    so the whole loss is spent on the decision that is scored. Difficulty is the mate depth N, spelled '2', or a range '1-2' for training
     on several depths. Depth is the easy-to-hard axis because the input never grows: proving a mate
     in N takes 2N-1 plies of look-ahead, so deeper mates ask for more reasoning steps from the same
     64 tokens, which is what extra loop iterations can supply. We train on mates in 1 and 2 and test
@@ -885,8 +925,9 @@ class Chess:
     eval_difficulties = ('1', '2', '3')
     eval_mults = (0.5, 1, 2, 4)
     headline = 'move'
-    train_defaults = {}
-    train_pool = 2000             # training puzzles per mate depth (each also seen a<->h mirrored)
+    train_defaults = dict(batch_size=32, lr=2e-3, warmup_steps=100, max_steps=1400)   # ~25 min on one busy CPU thread
+    loss = staticmethod(choice_loss)
+    train_pool = 1625             # training puzzles per mate depth (each also seen a<->h mirrored)
     test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
 
     def __init__(self):
@@ -894,8 +935,8 @@ class Chess:
         self.verdicts = {}        # (fen, move, N) -> solves; predictions recur across iteration counts
 
     def model_defaults(self, diff):
-        return dict(vocab_size=13, n_classes=3, block_size=64, pos='learned', causal=False, scale_iters=False,
-                    d_model=64, n_head=4, n_iters=8)
+        return dict(vocab_size=13, n_classes=64, pair_head=True, block_size=64, pos='learned', causal=False,
+                    scale_iters=False, graph='chess', d_model=64, n_head=4, n_iters=8)
 
     def parse_difficulty(self, s):
         m = re.fullmatch(r'(\d)(?:-(\d))?', str(s))
@@ -918,13 +959,13 @@ class Chess:
         pool = self.pools(diff, 'train', self.train_pool)
         idx = torch.randint(0, len(pool['x']), (n,), generator=gen)
         flip = torch.randint(0, 2, (n, 1), generator=gen).bool()           # a <-> h mirror for half the batch
-        x, y = pool['x'][idx], pool['y'][idx]
-        return torch.where(flip, x[:, FLIP_FILES], x), torch.where(flip, y[:, FLIP_FILES], y)
+        x, y = pool['x'][idx], pool['y'][idx].long()                       # (n, 64), (n, 64, 64)
+        return torch.where(flip, x[:, FLIP_FILES], x), torch.where(flip[:, :, None], y[:, FLIP_FILES][:, :, FLIP_FILES], y)
 
     def eval_set(self, diff, n, seed):
         pool = self.pools(diff, 'test', max(n, self.test_pool))
         idx = torch.randperm(len(pool['x']), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-        return {'x': pool['x'][idx], 'y': pool['y'][idx], 'depth': pool['depth'][idx],
+        return {'x': pool['x'][idx], 'y': pool['y'][idx].long(), 'depth': pool['depth'][idx],
                 **{k: [pool[k][i] for i in idx] for k in ('fen', 'move', 'kind')}}
 
     def score(self, logits, split):
@@ -957,8 +998,11 @@ def get_task(name):
 
 
 if __name__ == '__main__':
-    # python tasks.py chess_puzzles: (re)write the shipped puzzle file with the default pool sizes
-    if sys.argv[1:] != ['chess_puzzles']:
-        raise SystemExit("usage: python tasks.py chess_puzzles")
-    write_puzzle_file({(1, 'train'): Chess.train_pool, (2, 'train'): Chess.train_pool,
-                       **{(d, 'test'): Chess.test_pool for d in range(1, MAX_DEPTH + 1)}})
+    # python tasks.py chess_puzzles [N]: (re)write the shipped puzzle file with at least the default pool
+    # sizes (N training puzzles per depth if given), keeping every puzzle it already holds
+    if sys.argv[1:2] != ['chess_puzzles'] or len(sys.argv) > 3 or not all(a.isdigit() for a in sys.argv[2:]):
+        raise SystemExit("usage: python tasks.py chess_puzzles [training puzzles per depth]")
+    n_train = int(sys.argv[2]) if len(sys.argv) == 3 else Chess.train_pool
+    sizes = {(1, 'train'): n_train, (2, 'train'): n_train, **{(d, 'test'): Chess.test_pool for d in range(1, MAX_DEPTH + 1)}}
+    held = read_puzzle_file()
+    write_puzzle_file({k: max(n, len(held.get(k, []))) for k, n in sizes.items()})

@@ -42,6 +42,17 @@ def test_every_variant_builds_and_shapes(recall, inner, outer):
     assert model(idx, n_iters=5).shape == (3, 8, 2)
 
 
+def test_pair_head_scores_token_pairs():
+    model = LoopedTransformer(tiny_config(pair_head=True)).eval()
+    idx = torch.randint(0, 2, (3, 8))
+    logits = model(idx, n_iters=2)
+    assert logits.shape == (3, 8, 8)
+    e = model.embed(idx)
+    h = model.step(model.step(model.initial_state(e), e), e)
+    q, k = model.head(model.ln_f(h)).chunk(2, -1)
+    assert torch.allclose(logits[1, 2, 5], q[1, 2] @ k[1, 5] / 16 ** 0.5, atol=1e-6)
+
+
 @pytest.mark.parametrize('recall,inner,outer', list(itertools.product(RECALLS, INNER_NORMS, (True, False))))
 def test_every_variant_trains(recall, inner, outer):
     """60 Adam steps on one fixed batch halve the progressive loss, for all 18 variants. The target,
@@ -1028,12 +1039,36 @@ def test_chess_one_hot_logits_decode_to_their_move(fen):
     board = chess.Board(fen)
     for move in board.legal_moves:
         if move.promotion in (None, chess.QUEEN):
-            logits = 10.0 * torch.nn.functional.one_hot(tasks.encode_move(board, move), 3).float()
+            logits = 10.0 * (tasks.encode_move(board, move) == 1).float()
             assert tasks.decode_move(logits, board) == move
     promotions = [m for m in board.legal_moves if m.promotion]
     for move in promotions:                                          # any promotion decodes to a queen
-        logits = 10.0 * torch.nn.functional.one_hot(tasks.encode_move(board, move), 3).float()
+        logits = 10.0 * (tasks.encode_move(board, move) == 1).float()
         assert tasks.decode_move(logits, board).promotion == chess.QUEEN
+
+
+@pytest.mark.parametrize('fen', ["r1bqkb1r/pppp1ppp/2n2n2/4p2Q/2B1P3/8/PPPP1PPP/RNB1K1NR b - - 0 1",
+                                 "8/1P4k1/8/8/8/8/5p2/K7 w - - 0 1"])
+def test_chess_legal_move_loss_is_a_softmax_over_legal_moves_whose_argmax_decodes(fen):
+    board = chess.Board(fen)
+    label = next(iter(board.legal_moves))
+    y = tasks.encode_move(board, label)                              # (64, 64): 1 label, 0 legal, -100 illegal
+    legal = {(tasks._frame(m.from_square, board), tasks._frame(m.to_square, board)) for m in board.legal_moves}
+    assert {tuple(ij) for ij in (y >= 0).nonzero().tolist()} == legal
+    def target(i, j):                                              # the same legal moves, (i, j) the answer
+        t = y.clone()
+        t[t == 1], t[i, j] = 0, 1
+        return t
+    torch.manual_seed(0)
+    for _ in range(20):
+        logits = torch.randn(64, 64, requires_grad=True)
+        tasks.Chess.loss(logits[None], y[None]).backward()
+        assert (logits.grad[y == -100] == 0).all()                   # illegal moves get no probability, no gradient
+        p = torch.stack([torch.exp(-tasks.choice_loss(logits.detach()[None], target(i, j)[None])) for i, j in sorted(legal)])
+        assert p.sum().item() == pytest.approx(1.0, abs=1e-5)       # all the probability is on legal moves
+        move = tasks.decode_move(logits.detach(), board)
+        assert (tasks._frame(move.from_square, board), tasks._frame(move.to_square, board)) == sorted(legal)[int(p.argmax())]
+        assert tasks.token_scores(logits.detach()[None], tasks.encode_move(board, move)[None])['exact'] == 1.0
 
 
 def test_chess_file_mirror_augmentation_is_the_board_mirror():
@@ -1043,7 +1078,7 @@ def test_chess_file_mirror_augmentation_is_the_board_mirror():
     flipped_move = chess.Move(move.from_square ^ 7, move.to_square ^ 7)      # c6d4 -> f6e4
     assert flipped.is_legal(flipped_move)
     assert torch.equal(tasks.encode_board(board)[tasks.FLIP_FILES], tasks.encode_board(flipped))
-    assert torch.equal(tasks.encode_move(board, move)[tasks.FLIP_FILES], tasks.encode_move(flipped, flipped_move))
+    assert torch.equal(tasks.encode_move(board, move)[tasks.FLIP_FILES][:, tasks.FLIP_FILES], tasks.encode_move(flipped, flipped_move))
 
 
 def test_chess_score_checks_mates_not_labels():
@@ -1052,8 +1087,7 @@ def test_chess_score_checks_mates_not_labels():
     board = chess.Board(fen)
     split = {'fen': [fen] * 3, 'move': ['a1a8'] * 3, 'depth': torch.tensor([1, 1, 1]), 'kind': ['endgame', 'playout', 'playout']}
     predicted = ['b1b8', 'a1a8', 'g1h1']                             # the other mate, the label, no mate
-    logits = torch.stack([10.0 * torch.nn.functional.one_hot(tasks.encode_move(board, chess.Move.from_uci(m)), 3).float()
-                          for m in predicted])
+    logits = torch.stack([10.0 * (tasks.encode_move(board, chess.Move.from_uci(m)) == 1).float() for m in predicted])
     assert task.score(logits, split) == {'move': 2 / 3, 'label': 1 / 3, 'move_endgame': 1.0, 'move_playout': 0.5}
     assert not tasks.solves(board, chess.Move.from_uci('a1h8'), 1)    # illegal: the rook cannot get there
     assert tasks.solves(board, chess.Move.from_uci('b1b8'), 1)
@@ -1071,25 +1105,35 @@ def test_chess_bad_input_is_one_line_task_error():
         assert '\n' not in str(err.value)
     split = {'fen': ['garbage'], 'move': ['a1a8'], 'depth': torch.tensor([1])}
     with pytest.raises(tasks.TaskError):
-        task.score(torch.zeros(1, 64, 3), split)
+        task.score(torch.zeros(1, 64, 64), split)
+    with pytest.raises(tasks.TaskError):
+        tasks.decode_move(torch.zeros(64, 3), chess.Board())
 
 
 def test_chess_shipped_puzzles_reverify_and_regenerate():
     streams = tasks.read_puzzle_file()
     assert {(1, 'train'), (2, 'train'), (1, 'test'), (2, 'test'), (3, 'test')} <= set(streams)
-    train_keys = {p['key'] for (d, side), ps in streams.items() if side == 'train' for p in ps}
     for (depth, side), puzzles in streams.items():
         seeds, keys = [p['seed'] for p in puzzles], [p['key'] for p in puzzles]
         assert seeds == sorted(set(seeds)) and len(set(keys)) == len(keys)      # a prefix of the stream, no repeats
-        assert all(tasks.key_side(k) == side for k in keys)
-        if side == 'test':
-            assert not train_keys & set(keys)
-        for p in (puzzles[:2] if depth < 3 else puzzles[:1]):
+        rng = random.Random(depth)                                   # the first puzzles and a few drawn anywhere
+        for p in puzzles[:2] + rng.sample(puzzles, 3 if depth < 3 else 1):
             board = tasks.load_board(p['fen'])
             assert tasks.solve_puzzle(board, depth).uci() == p['move']
             assert tasks.puzzles_at(p['seed'], ((depth, side),))[(depth, side)] == p
     first = streams[(1, 'train')][:4]                                # and the stream, seed by seed
     assert tasks.generate_puzzles({(1, 'train'): 4}, workers=1)[(1, 'train')] == first
+
+
+def test_chess_train_and_test_share_no_game():
+    streams = tasks.read_puzzle_file()
+    seeds = {side: {p['seed'] for (d, s), ps in streams.items() if s == side for p in ps} for side in ('train', 'test')}
+    keys = {side: {p['key'] for (d, s), ps in streams.items() if s == side for p in ps} for side in ('train', 'test')}
+    assert seeds['train'] and seeds['test'] and not seeds['train'] & seeds['test']     # no game feeds both sides
+    assert not keys['train'] & keys['test']                                          # nor does any position
+    both = {(d, side) for d in (1, 2, 3) for side in ('train', 'test')}
+    for seed in range(40):                                           # a seed's puzzles all land on one side
+        assert len({side for _, side in tasks.puzzles_at(seed, both)}) <= 1
 
 
 def test_chess_puzzle_file_round_trip_and_edits_are_refused(tmp_path, capsys):
@@ -1113,8 +1157,14 @@ def test_chess_batches_deterministic_and_test_pool_disjoint(tmp_path, monkeypatc
     task.train_pool, task.test_pool = 60, 20
     x1, y1 = task.train_batch('1-2', 32, torch.Generator().manual_seed(0))
     x2, y2 = task.train_batch('1-2', 32, torch.Generator().manual_seed(0))
-    assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (32, 64)
-    assert ((y1 == 1).sum(1) == 1).all() and ((y1 == 2).sum(1) == 1).all()
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (32, 64) and y1.shape == (32, 64, 64)
+    assert ((y1 == 1).sum((1, 2)) == 1).all() and ((y1 == 0).sum((1, 2)) > 0).all()   # one answer among legal moves
+    for x, y in zip(x1[:4], y1[:4]):                                 # mirrored or not, the marks are the board's legal moves
+        board = chess.Board(None)
+        for sq, t in enumerate(x.tolist()):
+            if t:
+                board.set_piece_at(sq, chess.Piece((t - 1) % 6 + 1, t <= 6))
+        assert torch.equal(y >= 0, tasks.encode_move(board, next(iter(board.legal_moves))) >= 0)
     split = task.eval_set('1-2', 30, seed=3)
     assert split['x'].shape == (30, 64) and set(split['depth'].tolist()) == {1, 2}
     assert torch.equal(split['x'], task.eval_set('1-2', 30, seed=3)['x'])

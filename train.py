@@ -180,18 +180,24 @@ def make_optimizer(model, tc):
 
 # --------------------------------------------------------------------------------------------- loss
 
+def token_cross_entropy(logits, y):
+    """The default loss: cross-entropy per token, logits (B, L, C), y (B, L) with -100 unlabelled."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+
+
 class ProgressiveLoss(nn.Module):
     """The training objective as one module, so DDP sees one forward per step (Bansal et al. 2022):
 
         loss = (1 - alpha) * CE(readout(h_T)) + alpha * CE(readout(h'_{n+k}))
 
+    CE is `loss(logits, y)`: a task's own loss where it has one (task.loss), else per-token cross-entropy.
     h_T runs the full T = model.default_iters(L) iterations (gradient through the last `tbptt` only, if set);
     h' starts from h_n detached and runs k more iterations with gradient, n ~ U{0..T-1},
     k ~ U{1..T-n}: the model must improve any state it is handed, not count its own steps."""
 
-    def __init__(self, model, alpha, tbptt, compile=False):
+    def __init__(self, model, alpha, tbptt, compile=False, loss=token_cross_entropy):
         super().__init__()
-        self.model, self.alpha, self.tbptt = model, alpha, tbptt
+        self.model, self.alpha, self.tbptt, self.loss = model, alpha, tbptt, loss
         self.step = torch.compile(model.step) if compile else model.step   # the loop body is what is worth compiling
 
     def forward(self, x, y, n, k, noise_gen=None):
@@ -214,10 +220,10 @@ class ProgressiveLoss(nn.Module):
             for _ in range(k):
                 branch = self.step(branch, e)
             logits = m.readout(branch)
-            loss = loss + self.alpha * F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+            loss = loss + self.alpha * self.loss(logits, y)
         if self.alpha < 1:
             logits = m.readout(h)
-            loss = loss + (1 - self.alpha) * F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+            loss = loss + (1 - self.alpha) * self.loss(logits, y)
         fwd_iters = main_iters + (k if self.alpha > 0 else 0)       # block applications, for FLOP counting
         grad_iters = main_iters - first_grad + (k if self.alpha > 0 else 0)
         return loss, logits, fwd_iters, grad_iters
@@ -489,7 +495,7 @@ def run(tc, cfg, task, train_diff, device, rank, world, saved):
         print(f"task {task.name} ({train_diff}) | recall {cfg.recall} | inner {cfg.inner_norm} | outer_norm {cfg.outer_norm} | "
               f"d {cfg.d_model} | iters {cfg.n_iters} | {n_params / 1e3:.1f}k params | {device} x{world}")
 
-    loss_module = ProgressiveLoss(model, tc.alpha, tc.tbptt, tc.compile)
+    loss_module = ProgressiveLoss(model, tc.alpha, tc.tbptt, tc.compile, getattr(task, 'loss', token_cross_entropy))
     if tc.compile and device.type == 'cpu' and master:
         print("note: --compile on CPU compiles with the C++ backend; expect a long first step and little gain")
     if master:  # rank 0 builds an uncached training pool alone (before Ctrl-C waits for steps); the others read it from the cache
