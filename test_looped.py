@@ -135,7 +135,8 @@ def test_rope_model_runs_past_training_length_and_learned_does_not():
         LoopedTransformer(tiny_config(pos='learned'))(torch.zeros(1, 40, dtype=torch.long))
 
 
-@pytest.mark.parametrize('bad', [dict(recall='bogus'), dict(inner_norm='mid'), dict(d_model=15), dict(n_iters=0)])
+@pytest.mark.parametrize('bad', [dict(recall='bogus'), dict(inner_norm='mid'), dict(d_model=15), dict(n_iters=0),
+                                 dict(recall='none', init_state='zeros'), dict(recall='none', init_state='noise')])
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         LoopedTransformer(tiny_config(**bad))
