@@ -6,35 +6,48 @@ comparison of checkpoints (one row per recall / normalization variant).
     python analyze.py out_std/ckpt.pt out_none/ckpt.pt --json diag.json --plot figs
 
 F(h, e) = model.step(h, e) is one iteration, e = model.embed(x). On --batch easy inputs (the training
-difficulty) and --batch hard ones (--hard), the loop runs reach_mult x the default iteration count to a
-reached state h*. Then, per example (the tables show medians over examples):
+difficulty) and --batch hard ones (--hard), the loop runs at least the default rule and then on until every
+example's residual is below --reach_tol or reach_mult x the rule is reached: the reached state h*.
 
-  residual   ||h_{t+1} - h_t|| / ||h_t|| per iteration, and at the end (small: h* is a fixed point)
-  rho        spectral radius of J_h = dF/dh at h* (< 1: h* attracts): power iteration, then Arnoldi's
-             largest Ritz value from the power vector (power iteration alone misleads on complex dominant
-             pairs, where ||J v|| oscillates, and on near-ties, where it creeps)
+Which map is measured. Where no computation after this state can see the per-position mean direction
+U = span{1_pos} (J_h maps U into U and the readout ignores it; checked numerically at h_0 and h*), every
+number is taken on the observable map P J_h P, P = mean_free, and the output says 'mean-free'; otherwise on
+the full state ('full'). Pre inner norm without outer norm (recall none or internal) is the case in point:
+every read of the state is a LayerNorm, so J_h 1_pos = 1_pos exactly, an eigenvalue 1 that no model can
+change, and the mean drifts without the outputs ever noticing. Per example (tables show medians):
+
+  residual   ||P(h_{t+1} - h_t)|| / ||P h_t|| per iteration and at the end; converged: below --reach_tol
+  rho        spectral radius of J_h at h* (< 1: h* attracts): power iteration, then Arnoldi's largest Ritz
+             value from the power vector (power iteration alone misleads on complex dominant pairs)
   norm_J     ||J_h||, the largest singular value (Lanczos on J^T J)
-  sigma_min  smallest singular value of I - J_h (Lanczos on (I-J)^T (I-J), so an upper bound); near 0
-             the implicit gradient (I - J_h)^{-T} g blows up
-  sens_ift   ||dh*|| / ||v|| with dh* = (I - J_h)^{-1} J_x v by GMRES (implicit function theorem),
-             J_x = dF/de, v a random input direction scaled to ||v|| = ||e||
-  sens_fd    the same by a forward difference, rerunning the loop from e + eps v, h_0 included. Recall
-             'none' has J_x = 0, so sens_ift = 0, yet h* can still move with the input through h_0
-  align      asymptotic alignment (Anil et al. 2022): cosine between h* and where the loop lands from
-             another example's h*, Gaussian noise and zeros; 1 = path independent
-  accuracy   task.headline against iterations (train.evaluate): at the default rule, at its peak, at the
-             end (overthinking: the end below the peak by more than --overthink), and with adaptive
-             halting (an example stops once its residual is below --halt_tol; at most reach iterations)
+  sigma_min  smallest singular value of I - J_h (Lanczos on (I-J)^T (I-J), an upper bound); near 0 the
+             implicit gradient (I - J_h)^{-T} g blows up
+  sens_ift   ||dh*|| / ||v||, dh* = (I - J_h)^{-1} J_x v by GMRES (implicit function theorem), J_x = dF/de,
+             v a random input direction with ||v|| = ||e||; only a solution where GMRES converged
+  sens_fd    the same by a forward difference in float64 (error about eps relative), rerunning the loop from
+             e + eps v, h_0 included: recall 'none' has J_x = 0, so sens_ift = 0, yet h* moves through h_0
+  path       path independence: from two other inputs' h*, zeros, and --draws noise starts at each --noise
+             scale, where does the loop land: the same fixed point, another converged one, or nowhere yet;
+             whether the outputs then differ; the minimum cosine (Anil et al.'s alignment). A start that is
+             already a fixed point (zeros for a bias-free recall-none loop) says nothing and is dropped
+  accuracy   task.headline against iterations on --acc_n examples: at the rule, at its peak, at the cap
+             (overthinking: below the peak by more than --overthink), and with adaptive halting
+  score      the stability score (stability_score): on easy inputs only, the share of examples whose loop
+             converged (reach) to an attracting (contract) fixed point that the input moves through the loop
+             as much as in all (input: min(IFT, FD) / max(IFT, FD)) and that other starts find (path)
+Every iterative estimate carries converged: the share of examples on which it converged. With several
+checkpoints the comparison table ends with Spearman's correlation of score and hard accuracy at the rule.
 A statistic with a NaN or inf anywhere is null in JSON and 'diverged' in the tables, never a number.
 
 --json FILE writes {config: {flag: value}, checkpoints: [RECORD]}, RECORD = {path, task, step, variant,
-recall, inner_norm, outer_norm, easy: SPLIT, hard: SPLIT}, SPLIT = {difficulty, n, length, rule_iters,
-reach_iters, diverged (examples whose h* is not finite), residual_curve (median per iteration), seconds
-(per diagnostic), accuracy: {curve: {iters: acc}, rule, peak, peak_iters, final, overthinking},
-halting: {accuracy, mean_iters, halted (fraction stopped before reach_iters)}, and residual, rho, norm_J,
-sigma_min, sens_ift, sens_fd, align: {median, mean, max over examples, and: converged (rho, norm_J,
-sigma_min, sens_ift: fraction of examples), power_off (rho: fraction where power iteration alone was off
-by more than --tol), other, noise, zeros (align: mean cosine from each start)}}.
+recall, inner_norm, outer_norm, score, easy: SPLIT, hard: SPLIT}, SPLIT = {difficulty, n, length,
+rule_iters, cap_iters, reach_iters (run), state ('mean-free' | 'full'), observable: {removed, leak,
+readout, gain, at_fixed_point}, converged, diverged, residual_curve (median per iteration), seconds (per
+diagnostic), residual, rho, norm_J, sigma_min, sens_ift, sens_fd: {median, mean, max, min over examples,
+and converged (rho, norm_J, sigma_min, sens_ift), power_off (rho)}, path: {starts, trivial, checked, same,
+other_fixed_point, unsettled, outputs_differ (shares of the non-trivial starts), min_cos, per_start},
+accuracy: {n, curve: {iters: acc}, rule, peak, peak_iters, final, overthinking}, halting: {accuracy,
+mean_iters, halted}, score, score_parts: {reach, contract, input, path}}.
 """
 
 import argparse
@@ -59,7 +72,7 @@ class AnalyzeConfig:
     hard: str = ''           # hard difficulty ('' = the hardest eval difficulty within max_cost)
     max_cost: float = 16.0   # default hard: per-example cost (length x default iterations) at most this x easy
     batch: int = 16          # examples per split for the diagnostics
-    acc_n: int = 64          # examples per split for the accuracy curves (the diagnostics' examples among them)
+    acc_n: int = 32          # examples per split for the accuracy curves (the diagnostics' examples among them)
     reach_mult: float = 4.0  # iterations to the fixed point: at least the default rule, at most this x the rule
     reach_tol: float = 1e-5  # an example has converged once its residual is below this
     power_iters: int = 10    # power iterations before Arnoldi, for the spectral radius

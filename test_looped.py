@@ -721,7 +721,7 @@ def test_analyze_removes_the_unseen_mean_direction_of_a_pre_norm_loop():
     blk.mlp.fc.weight[:, :d] = 0                                   # the MLP reads only the input ...
     blk.mlp.fc.weight[:, d:].normal_(0, 1.0)
     blk.mlp.proj.weight.normal_(0, 0.05)                           # ... and adds a small constant b(e)
-    e = model.embed(torch.randint(0, 2, (2, 3)))
+    e = model.embed(torch.randint(0, 2, (2, 4)))
     h, res, _, _ = analyze.iterate(model.step, model.initial_state(e), e, 300, proj=analyze.mean_free)
     full_res = analyze.bnorm(model.step(h, e) - h) / analyze.bnorm(h)
     assert res[-1].max() < 1e-12 and full_res.min() > 1e-4          # what is seen has settled, the mean has not
