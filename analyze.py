@@ -6,35 +6,48 @@ comparison of checkpoints (one row per recall / normalization variant).
     python analyze.py out_std/ckpt.pt out_none/ckpt.pt --json diag.json --plot figs
 
 F(h, e) = model.step(h, e) is one iteration, e = model.embed(x). On --batch easy inputs (the training
-difficulty) and --batch hard ones (--hard), the loop runs reach_mult x the default iteration count to a
-reached state h*. Then, per example (the tables show medians over examples):
+difficulty) and --batch hard ones (--hard), the loop runs at least the default rule and then on until every
+example's residual is below --reach_tol or reach_mult x the rule is reached: the reached state h*.
 
-  residual   ||h_{t+1} - h_t|| / ||h_t|| per iteration, and at the end (small: h* is a fixed point)
-  rho        spectral radius of J_h = dF/dh at h* (< 1: h* attracts): power iteration, then Arnoldi's
-             largest Ritz value from the power vector (power iteration alone misleads on complex dominant
-             pairs, where ||J v|| oscillates, and on near-ties, where it creeps)
+Which map is measured. Where no computation after this state can see the per-position mean direction
+U = span{1_pos} (J_h maps U into U and the readout ignores it; checked numerically at h_0 and h*), every
+number is taken on the observable map P J_h P, P = mean_free, and the output says 'mean-free'; otherwise on
+the full state ('full'). Pre inner norm without outer norm (recall none or internal) is the case in point:
+every read of the state is a LayerNorm, so J_h 1_pos = 1_pos exactly, an eigenvalue 1 that no model can
+change, and the mean drifts without the outputs ever noticing. Per example (tables show medians):
+
+  residual   ||P(h_{t+1} - h_t)|| / ||P h_t|| per iteration and at the end; converged: below --reach_tol
+  rho        spectral radius of J_h at h* (< 1: h* attracts): power iteration, then Arnoldi's largest Ritz
+             value from the power vector (power iteration alone misleads on complex dominant pairs)
   norm_J     ||J_h||, the largest singular value (Lanczos on J^T J)
-  sigma_min  smallest singular value of I - J_h (Lanczos on (I-J)^T (I-J), so an upper bound); near 0
-             the implicit gradient (I - J_h)^{-T} g blows up
-  sens_ift   ||dh*|| / ||v|| with dh* = (I - J_h)^{-1} J_x v by GMRES (implicit function theorem),
-             J_x = dF/de, v a random input direction scaled to ||v|| = ||e||
-  sens_fd    the same by a forward difference, rerunning the loop from e + eps v, h_0 included. Recall
-             'none' has J_x = 0, so sens_ift = 0, yet h* can still move with the input through h_0
-  align      asymptotic alignment (Anil et al. 2022): cosine between h* and where the loop lands from
-             another example's h*, Gaussian noise and zeros; 1 = path independent
-  accuracy   task.headline against iterations (train.evaluate): at the default rule, at its peak, at the
-             end (overthinking: the end below the peak by more than --overthink), and with adaptive
-             halting (an example stops once its residual is below --halt_tol; at most reach iterations)
+  sigma_min  smallest singular value of I - J_h (Lanczos on (I-J)^T (I-J), an upper bound); near 0 the
+             implicit gradient (I - J_h)^{-T} g blows up
+  sens_ift   ||dh*|| / ||v||, dh* = (I - J_h)^{-1} J_x v by GMRES (implicit function theorem), J_x = dF/de,
+             v a random input direction with ||v|| = ||e||; only a solution where GMRES converged
+  sens_fd    the same by a forward difference in float64 (error about eps relative), rerunning the loop from
+             e + eps v, h_0 included: recall 'none' has J_x = 0, so sens_ift = 0, yet h* moves through h_0
+  path       path independence: from two other inputs' h*, zeros, and --draws noise starts at each --noise
+             scale, where does the loop land: the same fixed point, another converged one, or nowhere yet;
+             whether the outputs then differ; the minimum cosine (Anil et al.'s alignment). A start that is
+             already a fixed point (zeros for a bias-free recall-none loop) says nothing and is dropped
+  accuracy   task.headline against iterations on --acc_n examples: at the rule, at its peak, at the cap
+             (overthinking: below the peak by more than --overthink), and with adaptive halting
+  score      the stability score (stability_score): on easy inputs only, the share of examples whose loop
+             converged (reach) to an attracting (contract) fixed point that the input moves through the loop
+             as much as in all (input: min(IFT, FD) / max(IFT, FD)) and that other starts find (path)
+Every iterative estimate carries converged: the share of examples on which it converged. With several
+checkpoints the comparison table ends with Spearman's correlation of score and hard accuracy at the rule.
 A statistic with a NaN or inf anywhere is null in JSON and 'diverged' in the tables, never a number.
 
 --json FILE writes {config: {flag: value}, checkpoints: [RECORD]}, RECORD = {path, task, step, variant,
-recall, inner_norm, outer_norm, easy: SPLIT, hard: SPLIT}, SPLIT = {difficulty, n, length, rule_iters,
-reach_iters, diverged (examples whose h* is not finite), residual_curve (median per iteration), seconds
-(per diagnostic), accuracy: {curve: {iters: acc}, rule, peak, peak_iters, final, overthinking},
-halting: {accuracy, mean_iters, halted (fraction stopped before reach_iters)}, and residual, rho, norm_J,
-sigma_min, sens_ift, sens_fd, align: {median, mean, max over examples, and: converged (rho, norm_J,
-sigma_min, sens_ift: fraction of examples), power_off (rho: fraction where power iteration alone was off
-by more than --tol), other, noise, zeros (align: mean cosine from each start)}}.
+recall, inner_norm, outer_norm, score, easy: SPLIT, hard: SPLIT}, SPLIT = {difficulty, n, length,
+rule_iters, cap_iters, reach_iters (run), state ('mean-free' | 'full'), observable: {removed, leak,
+readout, gain, at_fixed_point}, converged, diverged, residual_curve (median per iteration), seconds (per
+diagnostic), residual, rho, norm_J, sigma_min, sens_ift, sens_fd: {median, mean, max, min over examples,
+and converged (rho, norm_J, sigma_min, sens_ift), power_off (rho)}, path: {starts, trivial, checked, same,
+other_fixed_point, unsettled, outputs_differ (shares of the non-trivial starts), min_cos, per_start},
+accuracy: {n, curve: {iters: acc}, rule, peak, peak_iters, final, overthinking}, halting: {accuracy,
+mean_iters, halted}, score, score_parts: {reach, contract, input, path}}.
 """
 
 import argparse
@@ -59,28 +72,40 @@ from train import evaluate, field_help, OneLineParser
 class AnalyzeConfig:
     hard: str = ''           # hard difficulty ('' = the hardest eval difficulty within max_cost)
     max_cost: float = 16.0   # default hard: per-example cost (length x default iterations) at most this x easy
-    batch: int = 16          # examples per split; every number is measured on these
-    reach_mult: float = 2.0  # iterations to the reached state, as a multiple of the default rule
+    batch: int = 16          # examples per split for the diagnostics
+    acc_n: int = 32          # examples per split for the accuracy curves (the diagnostics' examples among them)
+    reach_mult: float = 4.0  # iterations to the fixed point: at least the default rule, at most this x the rule
+    reach_tol: float = 1e-5  # an example has converged once its residual is below this
     power_iters: int = 10    # power iterations before Arnoldi, for the spectral radius
     krylov: int = 24         # Krylov subspace size (Arnoldi, Lanczos, GMRES)
     tol: float = 1e-2        # an eigen/singular value has converged once its Ritz residual is below tol x value
     gmres_tol: float = 1e-4  # GMRES stops at this relative residual (at most 4 restarts)
-    eps: float = 1e-3        # finite-difference step, relative to ||e||
+    eps: float = 1e-6        # finite-difference step relative to ||e||, taken in float64
+    noise: str = '1,3'       # path independence: scales of the noise starts, relative to the state's RMS
+    draws: int = 2           # noise starts per scale and example
+    same_tol: float = 1e-2   # a start reached the same fixed point when ||P(h - h*)|| / ||P h*|| is below this
     halt_tol: float = 1e-3   # adaptive halting: an example stops once its residual is below this
     overthink: float = 0.05  # final accuracy this far below the peak counts as overthinking
     device: str = 'cpu'      # cpu | cuda | cuda:N | mps
     seed: int = 0            # seeds the examples and the random directions
     json: str = ''           # write every number to this file
-    plot: str = ''           # write PNG figures to this folder (needs matplotlib)
+    plot: str = ''           # write accuracy.png (accuracy and residual against iterations) to this folder (needs matplotlib)
 
-    BOUNDS = dict(max_cost='[1, inf)', batch='[1, 2**16]', reach_mult='(0, 1000]', power_iters='[1, 10000]',
-                  krylov='[1, 1000]', tol='(0, 1]', gmres_tol='(0, 1)', eps='(0, 1]', halt_tol='[0, inf)',
-                  overthink='[0, 1]', seed='[0, 2**63)')   # allowed values (check_fields)
+    BOUNDS = dict(max_cost='[1, inf)', batch='[1, 2**16]', acc_n='[1, 2**16]', reach_mult='(0, 1000]', reach_tol='(0, 1)',
+                  power_iters='[1, 10000]', krylov='[1, 1000]', tol='(0, 1]', gmres_tol='(0, 1)', eps='(0, 1]',
+                  draws='[1, 1000]', same_tol='(0, 1]', halt_tol='[0, inf)', overthink='[0, 1]',
+                  seed='[0, 2**63)')   # allowed values (check_fields)
 
     def validate(self):
         """Raise ValueError with a one-line message for a flag that cannot be meant or a path that cannot be written."""
         check_fields(self)
         pick_device(self.device)
+        try:
+            scales = [float(s) for s in self.noise.split(',') if s]
+        except ValueError:
+            scales = []
+        if not scales or not all(math.isfinite(x) and x > 0 for x in scales):
+            raise ValueError(f"noise must be a comma list of positive numbers, got {self.noise!r}")
         if self.json and not can_write(self.json):
             raise ValueError(f"--json {self.json} cannot be written: it must name a file in an existing, writable folder")
         if self.plot and not can_write(self.plot, folder=True):
@@ -97,6 +122,7 @@ def can_write(path, folder=False):
 
 
 TINY = 1e-30
+UNSEEN_TOL = 1e-4            # a direction is unobservable when J keeps it to itself and the readout ignores it to this
 
 # ----------------------------------------------------------------------------- linear algebra per example
 # F acts on every example on its own (attention stays inside a sequence), so J_h is block diagonal over the
@@ -106,73 +132,119 @@ def bnorm(v):  # (B, ...) -> (B,)
     return v.flatten(1).norm(dim=1)
 
 
+def mean_free(h):
+    """P: remove each position's mean over features, the one direction per position that a LayerNorm cannot see."""
+    return h - h.mean(-1, keepdim=True)
+
+
 def arnoldi(A, v0, m):
-    """m Arnoldi steps on every row: Q (B, m+1, N) orthonormal, H (B, m+1, m) with A Q[:, :m] = Q H."""
+    """m Arnoldi steps on every row: Q (B, m+1, N) orthonormal, H (B, m+1, m) with A Q[:, :m] = Q H, and the steps
+    each row took (B,): fewer where its Krylov space stopped growing (an invariant subspace; later columns are 0)."""
     B, N = v0.shape
     m = min(m, N)
     Q, H = v0.new_zeros(B, m + 1, N), v0.new_zeros(B, m + 1, m)
     Q[:, 0] = v0 / bnorm(v0).clamp_min(TINY)[:, None]
+    steps = torch.full((B,), m, dtype=torch.long)
     for j in range(m):
-        w = A(Q[:, j])
+        w, size = A(Q[:, j]), None
         for _ in range(2):                                      # Gram-Schmidt, twice for orthogonality
             c = torch.einsum('bkn,bn->bk', Q[:, :j + 1], w)
+            size = bnorm(w) if size is None else size
             w = w - torch.einsum('bkn,bk->bn', Q[:, :j + 1], c)
             H[:, :j + 1, j] += c
+        stop = (bnorm(w) <= 1e-6 * size) & (steps == m)        # breakdown: w lies in the space already built
+        steps[stop.cpu()] = j + 1
+        w = w * ~stop[:, None]
         H[:, j + 1, j] = bnorm(w)
         Q[:, j + 1] = w / H[:, j + 1, j].clamp_min(TINY)[:, None]
-    return Q, H
+    return Q, H, steps
 
 
 def ritz(A, v0, m, which, tol, symmetric=False):
     """The extreme Ritz value (B,) of A on an m-step Krylov space, which = 'abs' (largest modulus), 'max' or
     'min', and whether it converged: its residual ||A y - theta y|| is below tol |theta|."""
-    H = arnoldi(A, v0, m)[1].double().cpu()
-    m, bad = H.size(2), ~torch.isfinite(H).flatten(1).all(1)
-    H = H.nan_to_num(0.0, 0.0, 0.0)
-    vals, vecs = torch.linalg.eigh((H[:, :m] + H[:, :m].mT) / 2) if symmetric else torch.linalg.eig(H[:, :m])
-    size = vals.abs() if which == 'abs' else vals.real
-    i = (-size if which == 'min' else size).argmax(1, keepdim=True)
-    theta, res = size.gather(1, i)[:, 0], H[:, m, m - 1] * vecs[:, -1].abs().gather(1, i)[:, 0]
-    converged = res <= tol * theta.abs()
-    theta[bad], converged[bad] = math.nan, False
+    _, H, steps = arnoldi(A, v0, m)
+    H = H.double().cpu()
+    theta, converged = torch.full((len(H),), math.nan, dtype=torch.float64), torch.zeros(len(H), dtype=torch.bool)
+    for b, k in enumerate(steps.tolist()):                      # each row on the space it built
+        Hb = H[b, :k, :k]
+        if not torch.isfinite(H[b]).all():
+            continue
+        vals, vecs = torch.linalg.eigh((Hb + Hb.T) / 2) if symmetric else torch.linalg.eig(Hb)
+        size = vals.abs() if which == 'abs' else vals.real
+        i = int((-size if which == 'min' else size).argmax())
+        theta[b] = size[i]
+        converged[b] = H[b, k, k - 1] * vecs[-1, i].abs() <= tol * size[i].abs()
     return theta.to(v0.device), converged.to(v0.device)
 
 
-def jacobian_ops(F, h, e):
-    """v -> J_h v (forward mode) and u -> J_h^T u (one backward graph, reused) at (h, e), on (B, N) rows."""
+def jacobian_ops(F, h, e, proj=None):
+    """v -> J_h v (forward mode) and u -> J_h^T u (one backward graph, reused) at (h, e), on (B, N) rows. With
+    proj (a symmetric projection P, e.g. mean_free) the observable map's Jacobian P J_h P and its transpose."""
     f = lambda h_: F(h_, e)
+    P = (lambda v: proj(v.view_as(h)).flatten(1)) if proj else (lambda v: v)
 
     def J(v):
         with sdpa_kernel(SDPBackend.MATH):                      # fused attention kernels lack forward mode
-            return jvp(f, (h,), (v.view_as(h),))[1].flatten(1)
+            return P(jvp(f, (h,), (P(v).view_as(h),))[1].flatten(1))
     pullback = vjp(f, h)[1]
-    return J, lambda u: pullback(u.view_as(h))[0].flatten(1)
+    return J, lambda u: P(pullback(P(u).view_as(h))[0].flatten(1))
+
+
+def start_vector(h, proj=None):  # a random (B, N) Krylov start in the space the operators act on
+    v = torch.randn_like(h)
+    return (proj(v) if proj else v).flatten(1)
 
 
 # ----------------------------------------------------------------------------- diagnostics of any step F(h, e)
 
 @torch.no_grad()
-def iterate(F, h, e, n_iters, halt_tol=0.0):
-    """n_iters iterations h <- F(h, e). Returns the last state, the relative residuals (n_iters, B), and per
-    example the state at which its residual first fell below halt_tol and that iteration (else the last)."""
-    res, h_halt, t_halt = [], h, torch.full((h.size(0),), n_iters, device=h.device)
+def iterate(F, h, e, n_iters, halt_tol=0.0, proj=None, until=0.0, min_iters=0):
+    """Up to n_iters iterations h <- F(h, e), stopping early once min_iters are done and every example's residual
+    ||P(h_{t+1} - h_t)|| / ||P h_t|| (P = proj, else the identity) is below `until`. Returns the last state, the
+    residuals (iterations run, B), and per example the state at which its residual first fell below halt_tol and
+    that iteration (else the last)."""
+    P = proj or (lambda v: v)
+    res, h_halt, t_halt = [], h, torch.zeros(h.size(0), dtype=torch.long, device=h.device)
     rows = (-1,) + (1,) * (h.dim() - 1)
     for t in range(n_iters):
         h_next = F(h, e)
-        res.append(bnorm(h_next - h) / bnorm(h).clamp_min(TINY))
-        stop = (res[-1] < halt_tol) & (t_halt == n_iters)
+        res.append(bnorm(P(h_next - h)) / bnorm(P(h)).clamp_min(TINY))
+        stop = (res[-1] < halt_tol) & (t_halt == 0)
         h_halt, h = torch.where(stop.view(rows), h_next, h_halt), h_next
         t_halt[stop] = t + 1
-    return h, torch.stack(res), torch.where((t_halt == n_iters).view(rows), h, h_halt), t_halt
+        if until and t + 1 >= min_iters and (res[-1] < until).all():
+            break
+    t_halt[t_halt == 0] = len(res)
+    return h, torch.stack(res), torch.where((t_halt == len(res)).view(rows), h, h_halt), t_halt
 
 
-def spectral_radius(F, h, e, power_iters=10, krylov=24, tol=1e-2):
-    """Per-example spectral radius of J_h: power iteration, then Arnoldi's largest Ritz value from the power
-    vector. Power iteration alone can settle on a wrong value (complex dominant pairs make ||J v|| oscillate,
-    near-ties make it creep), so Arnoldi always runs. Returns rho, converged, power_off (power iteration's
-    estimate off by more than tol) (B,)."""
-    J = jacobian_ops(F, h, e)[0]
-    v = torch.randn_like(h).flatten(1)
+def unobservable(F, readout, h, e):
+    """Is the per-position mean direction U = span{1_pos} invisible to everything after this state? It is when
+    J_h maps U into U (no later iteration turns it into anything else) and the readout ignores it: then rho,
+    ||J||, sigma_min and the IFT solve belong on the observable map P J_h P, P = mean_free. Pre inner norm without
+    outer norm (recall none or internal) is the case in point: every read of the state is a LayerNorm, so
+    J_h 1_pos = 1_pos exactly, an eigenvalue 1 put there by construction. Measured with a random u in U,
+    ||u|| = ||h||: leak ||P J_h u|| / ||u|| (max over examples), readout change max|r(h + u) - r(h)| / max|r(h)|,
+    and gain ||J_h u|| / ||u|| (median; 1: U passes through unchanged, 0: an outer norm removes it)."""
+    u = torch.randn(h.shape[:-1] + (1,), dtype=h.dtype, device=h.device).expand_as(h)
+    u = u * (bnorm(h) / bnorm(u).clamp_min(TINY)).view((-1,) + (1,) * (h.dim() - 1))
+    Ju = jacobian_ops(F, h, e)[0](u.flatten(1))
+    with torch.no_grad():
+        r0, r1 = readout(h), readout(h + u)
+    out = dict(leak=(bnorm(mean_free(Ju.view_as(h))) / bnorm(u)).max().item(), gain=(bnorm(Ju) / bnorm(u)).median().item(),
+               readout=((r1 - r0).abs().max() / r0.abs().max().clamp_min(TINY)).item())
+    out['removed'] = out['leak'] < UNSEEN_TOL and out['readout'] < UNSEEN_TOL   # False for NaN too
+    return out
+
+
+def spectral_radius(F, h, e, power_iters=10, krylov=24, tol=1e-2, proj=None):
+    """Per-example spectral radius of J_h (of P J_h P with proj): power iteration, then Arnoldi's largest Ritz
+    value from the power vector. Power iteration alone can settle on a wrong value (complex dominant pairs make
+    ||J v|| oscillate, near-ties make it creep), so Arnoldi always runs. Returns rho, converged, power_off (power
+    iteration's estimate off by more than tol) (B,)."""
+    J = jacobian_ops(F, h, e, proj)[0]
+    v = start_vector(h, proj)
     for _ in range(power_iters):
         v = v / bnorm(v).clamp_min(TINY)[:, None]
         v = J(v)
@@ -181,12 +253,12 @@ def spectral_radius(F, h, e, power_iters=10, krylov=24, tol=1e-2):
     return rho, converged, (power - rho).abs() > tol * rho
 
 
-def singular_values(F, h, e, krylov=24, tol=1e-2):
-    """||J_h|| and sigma_min(I - J_h) per example, by Lanczos on J^T J and on (I-J)^T (I-J) (a JVP and a VJP
-    per step). Small singular values converge slowly, but the smallest Ritz value never undershoots: sigma_min
-    is an upper bound. Returns norm_J, its converged, sigma_min, its converged (B,)."""
-    J, JT = jacobian_ops(F, h, e)
-    v0 = torch.randn_like(h).flatten(1)
+def singular_values(F, h, e, krylov=24, tol=1e-2, proj=None):
+    """||J_h|| and sigma_min(I - J_h) per example (on range(P) with proj), by Lanczos on J^T J and on
+    (I-J)^T (I-J) (a JVP and a VJP per step). Small singular values converge slowly, but the smallest Ritz value
+    never undershoots: sigma_min is an upper bound. Returns norm_J, its converged, sigma_min, its converged (B,)."""
+    J, JT = jacobian_ops(F, h, e, proj)
+    v0 = start_vector(h, proj)
 
     def MtM(v):                                                 # (I - J)^T (I - J) v
         u = v - J(v)
@@ -196,99 +268,180 @@ def singular_values(F, h, e, krylov=24, tol=1e-2):
     return norm2.clamp_min(0).sqrt(), norm_ok, smin2.clamp_min(0).sqrt(), sigma_ok
 
 
-def ift_sensitivity(F, h, e, v, krylov=24, tol=1e-4, restarts=4):
-    """||dh*|| / ||v|| per example for dh* = (I - J_h)^{-1} J_x v (implicit function theorem), by restarted
-    GMRES on u -> u - J_h u. Returns the ratio and whether GMRES reached tol (B,)."""
-    J = jacobian_ops(F, h, e)[0]
+def ift_sensitivity(F, h, e, v, krylov=24, tol=1e-4, restarts=4, proj=None):
+    """||dh*|| / ||v|| per example for dh* = (I - J_h)^{-1} J_x v (implicit function theorem; with proj,
+    (I - P J_h P)^{-1} P J_x v), by restarted GMRES on u -> u - J_h u. Returns the ratio and whether GMRES
+    reached tol (B,); where it did not, the ratio is only where GMRES stopped, not the solution."""
+    J = jacobian_ops(F, h, e, proj)[0]
     with sdpa_kernel(SDPBackend.MATH):
-        b = jvp(lambda e_: F(h, e_), (e,), (v,))[1].flatten(1)  # J_x v
+        b = jvp(lambda e_: F(h, e_), (e,), (v,))[1]             # J_x v
+    b = (proj(b) if proj else b).flatten(1)
     A = lambda u: u - J(u)
     x, r = torch.zeros_like(b), b
     for _ in range(restarts):
         done = bnorm(r) <= tol * bnorm(b)
         if done.all():
             break
-        Q, H = arnoldi(A, r, krylov)
-        rhs = torch.zeros(len(b), H.size(1), 1, dtype=torch.float64)
-        rhs[:, 0, 0] = bnorm(r).double().cpu()
-        y = torch.linalg.lstsq(H.double().cpu().nan_to_num(), rhs).solution[..., 0]   # min ||beta e_1 - H y||
+        Q, H, steps = arnoldi(A, r, krylov)
+        H, y = H.double().cpu().nan_to_num(), torch.zeros(len(b), H.size(2), dtype=torch.float64)
+        for i, (k, beta) in enumerate(zip(steps.tolist(), bnorm(r).tolist())):   # min ||beta e_1 - H y|| on the space built
+            y[i, :k] = torch.linalg.lstsq(H[i, :k + 1, :k], beta * torch.eye(k + 1, 1, dtype=torch.float64)).solution[:, 0]
         x = x + torch.einsum('bkn,bk->bn', Q[:, :-1], y.to(x)) * ~done[:, None]
         r = b - A(x)
     ratio = torch.where(torch.isfinite(b).all(1), bnorm(x) / bnorm(v), math.nan)
     return ratio, bnorm(r) <= tol * bnorm(b)
 
 
-def fd_sensitivity(F, init, e, h, v, n_iters, eps=1e-3):
-    """||h*(e + eps v) - h*(e)|| / (eps ||v||), with h = h*(e) reached in n_iters iterations from init(e): the
-    reached state's dependence on the input along v through every path, the initial state included."""
-    return bnorm(iterate(F, init(e + eps * v), e + eps * v, n_iters)[0] - h) / (eps * bnorm(v))
+def fd_sensitivity(F, init, e, v, n_iters, eps=1e-6, proj=None):
+    """||P(h_n(e + eps v) - h_n(e))|| / (eps ||v||), h_n(e) = n_iters iterations from init(e): the reached state's
+    dependence on the input along v through every path, the initial state included (one batch of both runs).
+    Run it in float64: a forward difference's error is O(eps) from curvature plus O(1e-16 / eps) from rounding,
+    about 1e-6 relative at eps 1e-6 (in float32 rounding alone gives a floor near 1e-7 / eps)."""
+    B, P = len(e), proj or (lambda x: x)
+    e2 = torch.cat((e, e + eps * v))
+    h = iterate(F, init(e2), e2, n_iters)[0]
+    return bnorm(P(h[B:] - h[:B])) / (eps * bnorm(v))
 
 
-def alignment(F, e, h_ref, n_iters):
-    """Asymptotic alignment (Anil et al. 2022): cosine between each example's reached state h_ref and where
-    n_iters iterations take it from other starts. Returns {start: (B,) cosines}; 1 = path independent."""
-    starts = {'other': h_ref.roll(1, 0), 'noise': torch.randn_like(h_ref), 'zeros': torch.zeros_like(h_ref)}
-    cos = {}
-    for name, h0 in starts.items():
-        h = iterate(F, h0, e, n_iters)[0]
-        cos[name] = (h * h_ref).flatten(1).sum(1) / (bnorm(h) * bnorm(h_ref)).clamp_min(TINY)
-    return cos
+def path_independence(F, readout, e, h_ref, n_iters, min_iters, tol, same_tol, proj=None, noise=(1.0, 3.0), draws=2):
+    """Where does the loop land from other starts? Per example: two other inputs' reached states, zeros, and
+    `draws` Gaussian starts at each noise scale (x the RMS of the example's own reached state h*). Each runs like
+    h* (at least min_iters, at most n_iters, stopping once all residuals are below tol). Returns the start names
+    and (K starts, B) tensors: cos (cosine of P h with P h*, Anil et al.'s asymptotic alignment), same (within
+    same_tol of h*), other (a different converged fixed point), unsettled (neither), differ (not the same, and its
+    readout's argmax differs somewhere) and trivial: the start is itself already a fixed point (zeros for a
+    bias-free recall-none loop, other inputs' fixed points when no iteration reads the input), which says nothing
+    about the input and is left out of every summary."""
+    P, B = proj or (lambda x: x), len(h_ref)
+    rms = (bnorm(h_ref) / h_ref[0].numel() ** 0.5).view((-1,) + (1,) * (h_ref.dim() - 1))
+    starts = {f'other {k}': h_ref.roll(k, 0) for k in range(1, min(3, B))}
+    starts['zeros'] = torch.zeros_like(h_ref)
+    for s in noise:
+        for k in range(draws):
+            starts[f'noise x{s:g} #{k + 1}'] = s * rms * torch.randn_like(h_ref)
+    K = len(starts)
+    h0, ref, E = torch.cat(list(starts.values())), h_ref.repeat(K, *[1] * (h_ref.dim() - 1)), e.repeat(K, *[1] * (e.dim() - 1))
+    scale = bnorm(P(ref)).clamp_min(TINY)
+    with torch.no_grad():
+        trivial = bnorm(P(F(h0, E) - h0)) / scale < tol
+    h, res = iterate(F, h0, E, n_iters, proj=proj, until=tol, min_iters=min_iters)[:2]
+    same = bnorm(P(h - ref)) / scale < same_tol                 # NaN (diverged) compares False
+    settled = res[-1] < tol
+    with torch.no_grad():
+        differ = (readout(h).argmax(-1) != readout(ref).argmax(-1)).flatten(1).any(1) & ~same
+    cos = (P(h) * P(ref)).flatten(1).sum(1) / (bnorm(P(h)) * scale).clamp_min(TINY)
+    out = dict(cos=cos, same=same, other=~same & settled, unsettled=~same & ~settled, differ=differ, trivial=trivial)
+    return list(starts), {k: t.view(K, B) for k, t in out.items()}
+
+
+def stability_score(converged, rho, ift, ift_ok, fd, path_same):
+    """The stability score of one split, per example and its mean: the product of
+      reach     the loop converged (residual below reach_tol within reach_mult x the rule),
+      contract  rho < 1 there (the fixed point attracts),
+      input     min(IFT, FD) / max(IFT, FD) with GMRES converged: the input moves the fixed point, and it does so
+                through the loop (IFT) as much as in all (FD); 0 when no iteration reads the input,
+      path      the share of (non-trivial) other starts that land on the same fixed point.
+    On easy inputs it reads as: on what share of training-difficulty inputs is the loop a reachable, attracting,
+    input-driven, path-independent fixed point, i.e. a rule that can be iterated longer on harder inputs.
+    Returns (score, {component: mean over examples}); NaN counts as failure."""
+    comp = dict(reach=converged.double(), contract=(rho < 1).double(),
+                input=torch.where(ift_ok, torch.minimum(ift, fd) / torch.maximum(ift, fd).clamp_min(TINY), 0).nan_to_num(0.0),
+                path=path_same.double())
+    s = comp['reach'] * comp['contract'] * comp['input'] * comp['path']
+    return s.mean().item(), {k: v.mean().item() for k, v in comp.items()}
+
+
+def spearman(x, y):
+    """Spearman's rank correlation (ties get their mean rank); None if either side is constant."""
+    def rank(a):
+        a = np.asarray(a, dtype=float)
+        r = np.empty(len(a))
+        r[np.argsort(a, kind='stable')] = np.arange(len(a))
+        for v in np.unique(a):
+            r[a == v] = r[a == v].mean()
+        return r
+    rx, ry = rank(x), rank(y)
+    return None if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
 
 
 # ----------------------------------------------------------------------------- one checkpoint
 
 def stats(x, **extra):
-    """{median, mean, max} over examples; None if any is NaN/inf (a diverged example is never averaged away)."""
+    """{median, mean, max, min} over examples; None if any is NaN/inf (a diverged example is never averaged away)."""
     x = x.detach().double().cpu()
     ok = bool(torch.isfinite(x).all())
     return dict(median=x.median().item() if ok else None, mean=x.mean().item() if ok else None,
-                max=x.max().item() if ok else None, **extra)
+                max=x.max().item() if ok else None, min=x.min().item() if ok else None, **extra)
 
 
-def analyze_split(model, task, diff, split, cfg):
-    x = split['x'].to(cfg.device)
+def frac(mask):
+    return mask.float().mean().item()
+
+
+def head(split, n):  # the first n examples of a split (tensors and lists alike)
+    return {k: v[:n] for k, v in split.items()}
+
+
+def analyze_split(model, m64, task, diff, split, cfg):
+    x = split['x'][:cfg.batch].to(cfg.device)                  # the diagnostics' examples; accuracy uses all
     rule = model.default_iters(x.size(1))
-    n = max(1, round(cfg.reach_mult * rule))
-    F, init = model.step, lambda e: model.initial_state(e, torch.Generator(e.device).manual_seed(cfg.seed))
-    out = dict(difficulty=diff, n=len(x), length=x.size(1), rule_iters=rule, reach_iters=n, seconds={})
+    cap = max(rule, round(cfg.reach_mult * rule))
+    F = model.step
+    init = lambda e, m=model: m.initial_state(e, torch.Generator(e.device).manual_seed(cfg.seed))
+    out = dict(difficulty=diff, n=len(x), length=x.size(1), rule_iters=rule, cap_iters=cap, seconds={})
     clock = [time.time()]
 
     def lap(name):
         out['seconds'][name], clock[0] = round(time.time() - clock[0], 2), time.time()
     with torch.no_grad():
         e = model.embed(x)                                      # (B, T, d)
-    h, res, h_halt, t_halt = iterate(F, init(e), e, n, cfg.halt_tol)
-    out['diverged'] = int((~torch.isfinite(h.flatten(1)).all(1)).sum())
-    out['residual'] = stats(res[-1])
-    out['residual_curve'] = [r.median().item() if torch.isfinite(r).all() else None for r in res.double().cpu()]
+        h0 = init(e)
+    unseen = unobservable(F, model.readout, h0, e)              # structural: decided at the start, checked again at h*
+    proj = mean_free if unseen['removed'] else None
+    h, res, h_halt, t_halt = iterate(F, h0, e, cap, cfg.halt_tol, proj, until=cfg.reach_tol, min_iters=rule)
+    finite = torch.isfinite(h.flatten(1)).all(1)
+    converged = (res[-1] < cfg.reach_tol) & finite
+    at_h = unobservable(F, model.readout, h, e)
+    out['observable'] = dict(removed=unseen['removed'], **{k: max(unseen[k], at_h[k]) for k in ('leak', 'readout')},
+                             gain=at_h['gain'], at_fixed_point=at_h['removed'])
+    out['state'] = 'mean-free' if unseen['removed'] else 'full'
+    out.update(reach_iters=len(res), converged=frac(converged), diverged=int((~finite).sum()), residual=stats(res[-1]),
+               residual_curve=[r.median().item() if torch.isfinite(r).all() else None for r in res.double().cpu()])
     lap('reach')
-    rho, ok, power_off = spectral_radius(F, h, e, cfg.power_iters, cfg.krylov, cfg.tol)
-    out['rho'] = stats(rho, converged=ok.float().mean().item(), power_off=power_off.float().mean().item())
-    lap('spectral')
-    norm_J, norm_ok, sigma_min, sigma_ok = singular_values(F, h, e, cfg.krylov, cfg.tol)
-    out['norm_J'] = stats(norm_J, converged=norm_ok.float().mean().item())
-    out['sigma_min'] = stats(sigma_min, converged=sigma_ok.float().mean().item())
-    lap('singular')
+    rho, rho_ok, power_off = spectral_radius(F, h, e, cfg.power_iters, cfg.krylov, cfg.tol, proj)
+    out['rho'] = stats(rho, converged=frac(rho_ok), power_off=frac(power_off))
+    norm_J, norm_ok, sigma_min, sigma_ok = singular_values(F, h, e, cfg.krylov, cfg.tol, proj)
+    out['norm_J'] = stats(norm_J, converged=frac(norm_ok))
+    out['sigma_min'] = stats(sigma_min, converged=frac(sigma_ok))
+    lap('jacobian')
     v = torch.randn_like(e)
     v = v * (bnorm(e) / bnorm(v)).view(-1, 1, 1)                # ||v|| = ||e||: eps is a relative step
-    ift, ift_ok = ift_sensitivity(F, h, e, v, cfg.krylov, cfg.gmres_tol)
-    fd = fd_sensitivity(F, init, e, h, v, n, cfg.eps)
-    out['sens_ift'], out['sens_fd'] = stats(ift, converged=ift_ok.float().mean().item()), stats(fd)
+    ift, ift_ok = ift_sensitivity(F, h, e, v, cfg.krylov, cfg.gmres_tol, proj=proj)
+    fd = fd_sensitivity(m64.step, lambda e_: init(e_, m64), e.double(), v.double(), len(res), cfg.eps, proj).to(ift)
+    out['sens_ift'], out['sens_fd'] = stats(ift, converged=frac(ift_ok)), stats(fd)
     lap('sensitivity')
-    cos = alignment(F, e, h, n)
-    out['align'] = stats(torch.stack(list(cos.values())).mean(0), **{k: stats(c)['mean'] for k, c in cos.items()})
-    lap('alignment')
-    counts = sorted({rule, n} | {int(c) for c in np.geomspace(1, n, 16).round()})
+    names, p = path_independence(F, model.readout, e, h, cap, rule, cfg.reach_tol, cfg.same_tol, proj,
+                                 [float(s) for s in cfg.noise.split(',') if s], cfg.draws)
+    keep = ~p['trivial']
+    share = lambda m: (m & keep).sum().item() / max(1, keep.sum().item())
+    out['path'] = dict(starts=names, trivial=[n for n, t in zip(names, p['trivial']) if t.all()], checked=int(keep.sum()),
+                       same=share(p['same']), other_fixed_point=share(p['other']), unsettled=share(p['unsettled']),
+                       outputs_differ=share(p['differ']), min_cos=p['cos'][keep].min().item() if keep.any() else None,
+                       per_start={n: (s & k).sum().item() / max(1, k.sum().item()) for n, s, k in zip(names, p['same'], keep)})
+    path_same = ((p['same'] & keep).sum(0) / keep.sum(0).clamp_min(1)).where(keep.any(0), torch.ones(len(x)))
+    lap('path')
+    counts = sorted({rule, cap} | {int(c) for c in np.geomspace(1, cap, 16).round()})
     first_bad = next((t + 1 for t, r in enumerate(res) if not torch.isfinite(r).all()), math.inf)
-    curve = {t: s[task.headline] if t < first_bad else None for t, s in evaluate(model, task, split, counts, cfg.batch).items()}
+    curve = {t: s[task.headline] if t < first_bad else None for t, s in evaluate(model, task, split, counts, 128).items()}
     peak_t = max((t for t in counts if curve[t] is not None), key=curve.get, default=None)
     peak = curve.get(peak_t)
-    out['accuracy'] = dict(curve=curve, rule=curve[rule], peak=peak, peak_iters=peak_t, final=curve[n],
-                           overthinking=None if curve[n] is None else curve[n] < peak - cfg.overthink)
+    out['accuracy'] = dict(n=len(split['x']), curve=curve, rule=curve[rule], peak=peak, peak_iters=peak_t,
+                           final=curve[cap], overthinking=None if curve[cap] is None else curve[cap] < peak - cfg.overthink)
     with torch.no_grad():
-        halt_acc = task.score(model.readout(h_halt).float().cpu(), split)[task.headline]
+        halt_acc = task.score(model.readout(h_halt).float().cpu(), head(split, len(x)))[task.headline]
     out['halting'] = dict(accuracy=None if out['diverged'] else halt_acc, mean_iters=t_halt.float().mean().item(),
-                          halted=(t_halt < n).float().mean().item())
+                          halted=frac(t_halt < len(res)))
+    out['score'], out['score_parts'] = stability_score(converged, rho, ift, ift_ok, fd, path_same)
     lap('accuracy')
     return out
 
@@ -299,26 +452,39 @@ def prepare(path, cfg):
     tc = ckpt['config'].get('train', {})
     task = get_task(tc.get('task', ''))
     model = LoopedTransformer.from_checkpoint(path).to(cfg.device).requires_grad_(False)
+    model64 = LoopedTransformer.from_checkpoint(path).double().to(cfg.device).requires_grad_(False)   # finite differences
+    n = max(cfg.batch, cfg.acc_n)
     easy = task.parse_difficulty(tc['train_difficulty']) if tc.get('train_difficulty') else task.train_difficulty
-    splits = {'easy': (easy, task.eval_set(easy, cfg.batch, cfg.seed))}
+    splits = {'easy': (easy, task.eval_set(easy, n, cfg.seed))}
     cost = lambda split: split['x'].size(1) * model.default_iters(split['x'].size(1))   # per example
     for hard in [task.parse_difficulty(cfg.hard)] if cfg.hard else reversed(task.eval_difficulties):
-        splits['hard'] = (hard, task.eval_set(hard, cfg.batch, cfg.seed))
+        splits['hard'] = (hard, task.eval_set(hard, n, cfg.seed))
         if cfg.hard or cost(splits['hard'][1]) <= cfg.max_cost * cost(splits['easy'][1]):
             break
     for name, (diff, split) in splits.items():
         if cfg.reach_mult * model.default_iters(split['x'].size(1)) > MAX_ITERS:
             raise ValueError(f"{path}: reaching the fixed point on {name} inputs ({diff}) would take {cfg.reach_mult:g} x "
                              f"{model.default_iters(split['x'].size(1))} iterations, above {MAX_ITERS}; lower --reach_mult or --hard")
-    return dict(path=path, step=ckpt.get('step'), model=model, task=task, splits=splits)
+    return dict(path=path, step=ckpt.get('step'), model=model, model64=model64, task=task, splits=splits)
 
 
 def analyze_checkpoint(c, cfg):
     torch.manual_seed(cfg.seed)                                 # the same random directions for every checkpoint
     m = c['model'].cfg
-    return dict(path=c['path'], task=c['task'].name, step=c['step'], recall=m.recall, inner_norm=m.inner_norm,
-                outer_norm=m.outer_norm, variant=f"{m.recall}/{m.inner_norm}/{'outer' if m.outer_norm else 'no-outer'}",
-                **{name: analyze_split(c['model'], c['task'], *c['splits'][name], cfg) for name in ('easy', 'hard')})
+    r = dict(path=c['path'], task=c['task'].name, step=c['step'], recall=m.recall, inner_norm=m.inner_norm,
+             outer_norm=m.outer_norm, variant=f"{m.recall}/{m.inner_norm}/{'outer' if m.outer_norm else 'no-outer'}",
+             **{name: analyze_split(c['model'], c['model64'], c['task'], *c['splits'][name], cfg) for name in ('easy', 'hard')})
+    r['score'] = r['easy']['score']                             # the stability score: easy inputs only
+    return no_nan(r)
+
+
+def no_nan(x):
+    """Every NaN or inf in a record becomes None ('diverged' in the tables, null in JSON), never a number."""
+    if isinstance(x, dict):
+        return {k: no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [no_nan(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -332,47 +498,76 @@ def pct(v, then=''):
     return fmt(None if v is None else 100 * v, '.1f', then)
 
 
+def ok(d):  # the share of examples on which an iterative estimate converged, as a suffix
+    return f" {d['converged']:.0%}"
+
+
+def path_cell(s):  # same / other fixed point / unsettled (% of non-trivial starts), outputs differ
+    p = s['path']
+    return f"{p['same']:.0%}/{p['other_fixed_point']:.0%}/{p['unsettled']:.0%}"
+
+
 ROWS = [  # (label, cell of one split): the table of one checkpoint
-    ('iterations: rule / reach', lambda s: f"{s['rule_iters']} / {s['reach_iters']}"),
-    ('diverged examples', lambda s: f"{s['diverged']} of {s['n']}"),
-    ('residual at the end', lambda s: fmt(s['residual']['median'], '.2e')),
-    ('spectral radius (max) conv', lambda s: fmt(s['rho']['median'], '.3f', f" ({fmt(s['rho']['max'], '.3f')}) {s['rho']['converged']:.0%}")),
-    ('||J_h|| conv', lambda s: fmt(s['norm_J']['median'], '.3f', f" {s['norm_J']['converged']:.0%}")),
-    ('sigma_min(I - J_h) at most', lambda s: fmt(s['sigma_min']['median'], '.3f')),
-    ('sensitivity IFT / FD', lambda s: f"{fmt(s['sens_ift']['median'])} / {fmt(s['sens_fd']['median'])}"),
-    ('alignment other/noise/zeros', lambda s: 'diverged' if s['align']['median'] is None
-     else '/'.join(f"{s['align'][k]:.2f}" for k in ('other', 'noise', 'zeros'))),
+    ('state measured', lambda s: s['state'] + (f" (J 1={fmt(s['observable']['gain'], '.2f')})" if s['state'] != 'full' else '')),
+    ('iterations: rule / ran / cap', lambda s: f"{s['rule_iters']} / {s['reach_iters']} / {s['cap_iters']}"),
+    ('converged (diverged)', lambda s: f"{s['converged']:.0%} ({s['diverged']} of {s['n']})"),
+    ('residual median (max)', lambda s: fmt(s['residual']['median'], '.1e', f" ({fmt(s['residual']['max'], '.1e')})")),
+    ('rho (max) conv', lambda s: fmt(s['rho']['median'], '.3f', f" ({fmt(s['rho']['max'], '.3f')}){ok(s['rho'])}")),
+    ('||J_h|| conv', lambda s: fmt(s['norm_J']['median'], '.3f', ok(s['norm_J']))),
+    ('sigma_min(I-J) <= conv', lambda s: fmt(s['sigma_min']['median'], '.3f', ok(s['sigma_min']))),
+    ('sensitivity IFT conv', lambda s: fmt(s['sens_ift']['median'], '.3g', ok(s['sens_ift']))),
+    ('sensitivity FD (float64)', lambda s: fmt(s['sens_fd']['median'], '.3g')),
+    ('starts same/other fp/unset', path_cell),
+    ('  outputs differ, min cos', lambda s: f"{s['path']['outputs_differ']:.0%}, {fmt(s['path']['min_cos'], '.2f')}"),
+    ('  trivial starts dropped', lambda s: ','.join(t.split(' #')[0] for t in s['path']['trivial']) or '-'),
     ('accuracy % at the rule', lambda s: pct(s['accuracy']['rule'])),
     ('peak % @ iterations', lambda s: pct(s['accuracy']['peak'], f" @ {s['accuracy']['peak_iters']}")),
-    ('final %', lambda s: pct(s['accuracy']['final'], ' overthinks' if s['accuracy']['overthinking'] else '')),
+    ('at the cap %', lambda s: pct(s['accuracy']['final'], ' overthinks' if s['accuracy']['overthinking'] else '')),
     ('halting % / mean iterations', lambda s: pct(s['halting']['accuracy'], f" / {s['halting']['mean_iters']:.1f}")),
+    ('stability score', lambda s: f"{s['score']:.2f} " + '/'.join(f"{v:.2f}" for v in s['score_parts'].values())),
 ]
 
-COLUMNS = [  # (header, cell of one split): the side-by-side table, one row per checkpoint
-    ('residual', lambda s: fmt(s['residual']['median'], '.1e')), ('rho', lambda s: fmt(s['rho']['median'], '.3f')),
-    ('sigma_min', lambda s: fmt(s['sigma_min']['median'], '.3f')), ('||J||', lambda s: fmt(s['norm_J']['median'], '.3f')),
-    ('sens_ift', lambda s: fmt(s['sens_ift']['median'])), ('sens_fd', lambda s: fmt(s['sens_fd']['median'])),
-    ('align', lambda s: fmt(s['align']['median'], '.3f')), ('acc %', lambda s: pct(s['accuracy']['rule'])),
-    ('peak@it', lambda s: pct(s['accuracy']['peak'], f"@{s['accuracy']['peak_iters']}")),
-    ('halt %', lambda s: pct(s['halting']['accuracy'])), ('halt it', lambda s: f"{s['halting']['mean_iters']:.1f}"),
+COLUMNS = [  # (header, width, cell of one split): the side-by-side table, one row per checkpoint
+    ('state', 9, lambda s: s['state']), ('conv', 5, lambda s: f"{s['converged']:.0%}"),
+    ('residual', 9, lambda s: fmt(s['residual']['median'], '.1e')),
+    ('rho conv', 11, lambda s: fmt(s['rho']['median'], '.3f', ok(s['rho']))),
+    ('||J||', 7, lambda s: fmt(s['norm_J']['median'], '.2f')),
+    ('sig_min conv', 12, lambda s: fmt(s['sigma_min']['median'], '.3f', ok(s['sigma_min']))),
+    ('IFT conv', 12, lambda s: fmt(s['sens_ift']['median'], '.3g', ok(s['sens_ift']))),
+    ('FD', 8, lambda s: fmt(s['sens_fd']['median'], '.3g')),
+    ('same/fp/unset', 14, path_cell), ('min cos', 8, lambda s: fmt(s['path']['min_cos'], '.2f')),
+    ('acc %', 6, lambda s: pct(s['accuracy']['rule'])),
+    ('peak@it', 11, lambda s: pct(s['accuracy']['peak'], f"@{s['accuracy']['peak_iters']}")),
+    ('cap %', 6, lambda s: pct(s['accuracy']['final'])), ('halt it', 8, lambda s: f"{s['halting']['mean_iters']:.1f}"),
+    ('score', 6, lambda s: f"{s['score']:.2f}"),
 ]
+
+LEGEND = """state: 'mean-free' = measured on the observable map (each position's mean over features, which J maps to itself and
+no read of the state sees, projected out), 'full' = the whole state. conv: examples whose residual fell below reach_tol.
+'X conv': X's median and the share of examples on which its iterative estimate converged. same/fp/unset: other starts
+landing on the same fixed point / on another fixed point / nowhere yet (% of non-trivial starts). acc % at the rule,
+cap % at reach_mult x the rule. score: the stability score of that split (the checkpoint's score is the easy one)."""
 
 
 def print_checkpoint(r):
     print(f"\n{r['path']} | {r['task']} | {r['variant']} | step {r['step']} | medians over examples")
-    print(f"{'':28}" + ''.join(f"{name + ' (' + str(r[name]['difficulty']) + ')':>26}" for name in ('easy', 'hard')))
+    print(f"{'':30}" + ''.join(f"{name + ' (' + str(r[name]['difficulty']) + ')':>34}" for name in ('easy', 'hard')))
     for label, cell in ROWS:
-        print(f"{label:28}{cell(r['easy']):>26}{cell(r['hard']):>26}")
+        print(f"{label:30}{cell(r['easy']):>34}{cell(r['hard']):>34}")
     for name in ('easy', 'hard'):
         print(f"seconds {name}: " + ', '.join(f'{k} {v:.1f}' for k, v in r[name]['seconds'].items()))
 
 
 def print_comparison(records):
     for name in ('easy', 'hard'):
-        print(f"\n{name} inputs: medians over examples; acc at the default rule, peak @ iterations, halting acc and mean iterations")
-        print(f"{'variant':22}" + ''.join(f'{h:>10}' for h, _ in COLUMNS) + '  checkpoint (difficulty)')
+        print(f"\n{name} inputs (medians over examples)")
+        print(f"{'variant':22}" + ''.join(f'{h:>{w + 1}}' for h, w, _ in COLUMNS) + '  checkpoint (difficulty)')
         for r in records:
-            print(f"{r['variant']:22}" + ''.join(f'{cell(r[name]):>10}' for _, cell in COLUMNS) + f"  {r['path']} ({r[name]['difficulty']})")
+            print(f"{r['variant']:22}" + ''.join(f'{cell(r[name]):>{w + 1}}' for _, w, cell in COLUMNS) + f"  {r['path']} ({r[name]['difficulty']})")
+    print(LEGEND)
+    hard_acc = [r['hard']['accuracy']['rule'] or 0.0 for r in records]   # a diverged loop gets nothing right
+    rho = spearman([r['score'] for r in records], hard_acc)
+    print(f"stability score (easy inputs) against hard accuracy at the rule: Spearman {fmt(rho, '.3f')} over {len(records)} checkpoints")
 
 
 def plot(records, out_dir):
@@ -385,27 +580,24 @@ def plot(records, out_dir):
         return
     os.makedirs(out_dir, exist_ok=True)
     nan = lambda v: math.nan if v is None else v
-    for name, ylabel in (('residual', 'relative residual (median)'), ('accuracy', 'accuracy'), ('spectral', 'spectral radius of J_h')):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, r in enumerate(records):
-            for j, (split, style) in enumerate((('easy', '-'), ('hard', '--'))):
-                s, kw = r[split], dict(color=f'C{i}', label=f"{r['variant']} {split} ({r[split]['difficulty']})")
-                if name == 'residual':
-                    ax.semilogy(range(1, s['reach_iters'] + 1), [nan(v) for v in s['residual_curve']], style, **kw)
-                elif name == 'accuracy':
-                    ax.plot(list(s['accuracy']['curve']), [nan(v) for v in s['accuracy']['curve'].values()], style, marker='.', **kw)
-                else:                                           # median, with a bar up to the max
-                    ax.errorbar(2 * i + j, nan(s['rho']['median']), yerr=[[0], [nan(s['rho']['max']) - nan(s['rho']['median'])]],
-                                fmt='os'[j], capsize=3, **kw)
-        if name == 'spectral':
-            ax.axhline(1, color='gray', lw=0.8)
-            ax.set_xticks([])
-        ax.set(xlabel='checkpoints' if name == 'spectral' else 'iterations', ylabel=ylabel)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=120)
-        plt.close(fig)
-    print(f"wrote residual.png, accuracy.png, spectral.png to {out_dir}")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for i, r in enumerate(records):
+        label = f"{r['variant']} (score {r['score']:.2f})"
+        for split, ax in zip(('easy', 'hard'), axes):
+            s = r[split]
+            ax.plot(list(s['accuracy']['curve']), [100 * nan(v) for v in s['accuracy']['curve'].values()], color=f'C{i % 10}',
+                    ls='-' if i < 10 else '--', marker='.', label=label)
+            ax.axvline(s['rule_iters'], color='gray', lw=0.8)
+            ax.set(xlabel='iterations (gray: the default rule)', ylabel='accuracy %', title=f"{split} ({s['difficulty']})")
+        s = r['easy']
+        axes[2].semilogy(range(1, s['reach_iters'] + 1), [nan(v) for v in s['residual_curve']], color=f'C{i % 10}',
+                         ls='-' if i < 10 else '--', label=label)
+    axes[2].set(xlabel='iterations', ylabel='residual (median)', title=f"easy ({records[0]['easy']['difficulty']}): residual")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, 'accuracy.png'), dpi=80)
+    plt.close(fig)
+    print(f"wrote accuracy.png to {out_dir}")
 
 
 def parse_args(argv=None):

@@ -146,7 +146,8 @@ def test_rope_model_runs_past_training_length_and_learned_does_not():
         LoopedTransformer(tiny_config(pos='learned'))(torch.zeros(1, 40, dtype=torch.long))
 
 
-@pytest.mark.parametrize('bad', [dict(recall='bogus'), dict(inner_norm='mid'), dict(d_model=15), dict(n_iters=0)])
+@pytest.mark.parametrize('bad', [dict(recall='bogus'), dict(inner_norm='mid'), dict(d_model=15), dict(n_iters=0),
+                                 dict(recall='none', init_state='zeros'), dict(recall='none', init_state='noise')])
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         LoopedTransformer(tiny_config(**bad))
@@ -818,7 +819,8 @@ def linear_toy(B=3, N=24, P=12, seed=0):
         S = torch.eye(N, dtype=torch.float64) + 0.3 * torch.randn(N, N, generator=g, dtype=torch.float64) / N ** 0.5
         A.append(S @ D @ torch.linalg.inv(S))
     A, C = torch.stack(A), torch.randn(B, N, P, generator=g, dtype=torch.float64) / P ** 0.5
-    F = lambda h, x: (A @ h.flatten(1)[..., None] + C @ x.flatten(1)[..., None]).view_as(h)
+    tile = lambda M, n: M.repeat(n // B, 1, 1)                  # analyze stacks copies of the batch (starts, FD pairs)
+    F = lambda h, x: (tile(A, len(h)) @ h.flatten(1)[..., None] + tile(C, len(h)) @ x.flatten(1)[..., None]).view_as(h)
     x = torch.randn(B, 4, P // 4, generator=g, dtype=torch.float64)
     return F, A, C, x, torch.tensor(radii, dtype=torch.float64)
 
@@ -850,11 +852,12 @@ def test_analyze_linear_toy_matches_exact_linear_algebra():
     ift, ift_ok = analyze.ift_sensitivity(F, h, x, v, krylov=8, restarts=20, tol=1e-10)  # restarts exercised
     dh = torch.linalg.solve(I - A, C @ v.flatten(1)[..., None])[..., 0]
     assert torch.allclose(ift, dh.norm(dim=1) / v.flatten(1).norm(dim=1), rtol=1e-8) and ift_ok.all()
-    fd = analyze.fd_sensitivity(F, lambda e: torch.zeros_like(h0), x, h, v, 500, eps=1e-3)
+    fd = analyze.fd_sensitivity(F, lambda e: torch.zeros(len(e), *h0.shape[1:], dtype=e.dtype), x, v, 500, eps=1e-3)
     assert torch.allclose(fd, ift, rtol=1e-8)
 
-    for cos in analyze.alignment(F, x, h, 500).values():        # contraction: every start lands on h*
-        assert (cos > 1 - 1e-10).all()
+    readout = lambda h: h                                       # every coordinate is an output
+    names, p = analyze.path_independence(F, readout, x, h, 500, 1, 1e-10, 1e-6)
+    assert p['same'].all() and (p['cos'] > 1 - 1e-10).all() and not p['trivial'].any()   # contraction: every start lands on h*
 
 
 def test_analyze_input_independent_rotation_is_path_dependent():
@@ -868,11 +871,12 @@ def test_analyze_input_independent_rotation_is_path_dependent():
     v = torch.randn(x.shape, generator=g, dtype=torch.float64)
     ift, ok = analyze.ift_sensitivity(F, h, x, v, krylov=12)
     assert (ift == 0).all() and ok.all()
-    assert torch.allclose(analyze.fd_sensitivity(F, lambda e: e, x, h, v, 50), torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(analyze.fd_sensitivity(F, lambda e: e, x, v, 50), torch.ones(4, dtype=torch.float64))
     rho = analyze.spectral_radius(F, h, x, krylov=12, tol=1e-8)[0]
     assert torch.allclose(rho, torch.ones(4, dtype=torch.float64))
-    cos = analyze.alignment(F, x, h, 50)
-    assert (cos['zeros'] == 0).all() and torch.stack(list(cos.values())).mean() < 0.5
+    names, p = analyze.path_independence(F, lambda h: h, x, h, 50, 1, 1e-8, 1e-6)
+    assert p['trivial'][names.index('zeros')].all()             # R 0 = 0: a start that is already a fixed point
+    assert not p['same'][~p['trivial']].any() and p['unsettled'][~p['trivial']].all()   # a rotation never settles
 
 
 def contractive_model(seed=0, B=3, T=8):
@@ -893,7 +897,7 @@ def test_analyze_ift_sensitivity_matches_finite_differences_on_a_real_model():
     v = torch.randn_like(e)
     v = v * (e.flatten(1).norm(dim=1) / v.flatten(1).norm(dim=1)).view(-1, 1, 1)     # ||v|| = ||e||
     ift, ok = analyze.ift_sensitivity(model.step, h, e, v, tol=1e-10)
-    fd = analyze.fd_sensitivity(model.step, model.initial_state, e, h, v, 200, eps=1e-7)
+    fd = analyze.fd_sensitivity(model.step, model.initial_state, e, v, 200, eps=1e-7)
     assert ok.all() and (ift > 0).all()
     assert torch.allclose(ift, fd, rtol=1e-5)
 
@@ -909,6 +913,75 @@ def test_analyze_jacobian_estimates_match_the_dense_jacobian_of_a_real_model():
     norm_J, _, sigma_min, _ = analyze.singular_values(model.step, h, e, krylov=N)
     assert torch.allclose(norm_J, torch.linalg.matrix_norm(dense, ord=2), rtol=1e-6)
     assert torch.allclose(sigma_min, torch.linalg.svdvals(torch.eye(N, dtype=dense.dtype) - dense)[:, -1], rtol=1e-6)
+
+
+def dense_jacobian(model, h, e):  # (B, N, N), tiny models only
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.stack([torch.func.jacrev(lambda z: model.step(z.view_as(h[b:b + 1]), e[b:b + 1]).flatten())(h[b].flatten())
+                            for b in range(len(h))])
+
+
+def test_analyze_removes_the_unseen_mean_direction_of_a_pre_norm_loop():
+    """Pre inner norm, no outer norm, internal recall: every read of the state is a LayerNorm, so a constant added
+    at one position passes through unchanged (J 1_pos = 1_pos, an eigenvalue 1 by construction) and the full state
+    never settles (its mean drifts by the same amount every iteration). Built so that what the readout can see
+    contracts: attention reads each position alone (window 1) and subtracts half its normalized state, ln1's eps is
+    1 so that the normalization is not scale invariant near 0, and the MLP adds a constant from the input."""
+    torch.manual_seed(0)
+    model = LoopedTransformer(tiny_config(recall='internal', outer_norm=False, inner_norm='pre', window=1)).double().requires_grad_(False)
+    d, blk = 16, model.block
+    blk.ln1.eps = 1.0
+    blk.attn.qkv.weight[2 * d:] = torch.eye(d)                     # v = LN1(h)
+    blk.attn.proj.weight[:] = -0.5 * torch.eye(d)                  # attention adds -LN1(h) / 2
+    blk.mlp.fc.weight[:, :d] = 0                                   # the MLP reads only the input ...
+    blk.mlp.fc.weight[:, d:].normal_(0, 1.0)
+    blk.mlp.proj.weight.normal_(0, 0.05)                           # ... and adds a small constant b(e)
+    e = model.embed(torch.randint(0, 2, (2, 4)))
+    h, res, _, _ = analyze.iterate(model.step, model.initial_state(e), e, 300, proj=analyze.mean_free)
+    full_res = analyze.bnorm(model.step(h, e) - h) / analyze.bnorm(h)
+    assert res[-1].max() < 1e-12 and full_res.min() > 1e-4          # what is seen has settled, the mean has not
+    seen = analyze.unobservable(model.step, model.readout, h, e)
+    assert seen['removed'] and seen['leak'] < 1e-12 and seen['readout'] < 1e-12 and abs(seen['gain'] - 1) < 1e-12
+
+    dense = dense_jacobian(model, h, e)
+    N, T = dense.size(1), h.size(1)
+    P = torch.block_diag(*[torch.eye(d, dtype=torch.float64) - 1 / d] * T)
+    K = N - T                                                      # range(P)'s dimension: a full Krylov space
+    assert torch.allclose(torch.linalg.eigvals(dense).abs().max(1).values, torch.ones(2, dtype=torch.float64))  # rho(J) = 1
+    truth = torch.linalg.eigvals(P @ dense @ P).abs().max(1).values
+    assert (truth < 0.9).all()                                     # the observable map contracts
+    rho, ok, _ = analyze.spectral_radius(model.step, h, e, krylov=K, tol=1e-8, proj=analyze.mean_free)
+    assert torch.allclose(rho, truth, rtol=1e-6) and ok.all()
+    assert (analyze.spectral_radius(model.step, h, e, krylov=N, tol=1e-8)[0] > 1 - 1e-6).all()   # unprojected: 1
+    norm_J, _, sigma_min, _ = analyze.singular_values(model.step, h, e, krylov=K, proj=analyze.mean_free)
+    I = torch.eye(N, dtype=torch.float64)
+    assert torch.allclose(norm_J, torch.linalg.matrix_norm(P @ dense @ P, ord=2), rtol=1e-6)
+    sv = torch.linalg.svdvals(P @ (I - dense) @ P)[:, :K]     # on range(P): drop U's T zero singular values
+    assert torch.allclose(sigma_min, sv[:, -1], rtol=1e-6) and (sigma_min > 0.1).all()
+    v = torch.randn_like(e)
+    ift, ift_ok = analyze.ift_sensitivity(model.step, h, e, v, krylov=K, tol=1e-10, proj=analyze.mean_free)
+    fd = analyze.fd_sensitivity(model.step, model.initial_state, e, v, 300, eps=1e-7, proj=analyze.mean_free)
+    assert ift_ok.all() and torch.allclose(ift, fd, rtol=1e-5)     # bounded, and what the loop really does
+
+    contractive = contractive_model()                              # standard recall reads the state through W: nothing hidden
+    assert not analyze.unobservable(contractive[0].step, contractive[0].readout, contractive[2], contractive[1])['removed']
+
+
+def test_analyze_finds_a_second_attractor():
+    """F(h, x) = tanh(3 h + x / 10) coordinate-wise: near 0 every coordinate has two attracting fixed points, about
+    +-0.995, so starts from noise land on other fixed points (settled, with other outputs); zeros is no fixed point."""
+    F = lambda h, x: torch.tanh(3 * h + 0.1 * x)
+    x = torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = analyze.iterate(F, x.abs(), x, 200)[0]                     # every coordinate's positive attractor
+    torch.manual_seed(0)
+    sign = lambda h: torch.stack((h, -h), -1)                     # two classes per coordinate: its sign
+    names, p = analyze.path_independence(F, sign, x, h, 200, 1, 1e-10, 1e-6, draws=3)
+    noise = torch.tensor(['noise' in n for n in names])
+    assert not p['trivial'].any() and not p['unsettled'].any()
+    assert p['other'][noise].all() and p['differ'][noise].all() and (p['cos'][noise] < 0.9).all()
+    assert p['same'][~noise].any()                                 # some starts do come back (other inputs' states)
+    rho = analyze.spectral_radius(F, h, x, krylov=12, tol=1e-8)[0]
+    assert (rho < 1).all()                                         # every fixed point attracts: local diagnostics look fine
 
 
 def save_tiny_checkpoint(path, poison=False):
@@ -938,21 +1011,25 @@ def test_analyze_cli_end_to_end_with_json_and_a_diverged_checkpoint(tmp_path):
     save_tiny_checkpoint(tmp_path / 'nan.pt', poison=True)
     out = tmp_path / 'diag.json'
     r = run_script('analyze.py', str(tmp_path / 'good.pt'), str(tmp_path / 'nan.pt'), '--batch', '4', '--hard', '16', '--power_iters', '3', '--krylov', '6',
-                   '--json', str(out), '--plot', str(tmp_path / 'figs'))
+                   '--acc_n', '8', '--json', str(out), '--plot', str(tmp_path / 'figs'))
     assert r.returncode == 0, r.stderr
     def no_nan(s):
         raise ValueError(f'{s} in JSON')
     good, bad = json.loads(out.read_text(), parse_constant=no_nan)['checkpoints']
     for name, diff in (('easy', 8), ('hard', 16)):
         s = good[name]
-        assert s['difficulty'] == diff and s['n'] == 4 and s['diverged'] == 0 and s['reach_iters'] == 2 * s['rule_iters']
-        for key in ('residual', 'rho', 'norm_J', 'sigma_min', 'sens_ift', 'sens_fd', 'align'):
-            assert math.isfinite(s[key]['median']), key
-        assert 0 <= s['accuracy']['rule'] <= 1 and 1 <= s['halting']['mean_iters'] <= s['reach_iters']
+        assert s['difficulty'] == diff and s['n'] == 4 and s['diverged'] == 0 and s['accuracy']['n'] == 8
+        assert s['rule_iters'] <= s['reach_iters'] <= s['cap_iters'] == 4 * s['rule_iters'] and 0 <= s['converged'] <= 1
+        for key in ('residual', 'rho', 'norm_J', 'sigma_min', 'sens_ift', 'sens_fd'):
+            assert math.isfinite(s[key]['median']) and 0 <= s[key].get('converged', 0) <= 1, key
+        assert s['state'] == 'full' and not s['observable']['removed']  # standard recall reads the state through W, not a LayerNorm
+        assert s['path']['checked'] > 0 and math.isclose(sum(s['path'][k] for k in ('same', 'other_fixed_point', 'unsettled')), 1)
+        assert 0 <= s['accuracy']['rule'] <= 1 and 1 <= s['halting']['mean_iters'] <= s['reach_iters'] and 0 <= s['score'] <= 1
         assert bad[name]['diverged'] == 4 and bad[name]['rho']['median'] is None and bad[name]['accuracy']['rule'] is None
     rows = [line for line in r.stdout.splitlines() if line.endswith(f"{tmp_path / 'nan.pt'} (16)")]   # side by side, hard
-    assert len(rows) == 1 and rows[0].split()[1] == 'diverged'
-    assert 'pip install matplotlib' in r.stdout or (tmp_path / 'figs' / 'residual.png').exists()
+    assert len(rows) == 1 and rows[0].split()[3] == 'diverged' and bad['score'] == 0    # variant, state, conv, residual
+    assert 'Spearman' in r.stdout
+    assert 'pip install matplotlib' in r.stdout or (tmp_path / 'figs' / 'accuracy.png').exists()
 
 
 # ---- chess
