@@ -202,7 +202,7 @@ UNITS = ([[r * 9 + c for c in range(9)] for r in range(9)] + [[r * 9 + c for r i
          [[(b // 3 * 3 + i // 3) * 9 + b % 3 * 3 + i % 3 for i in range(9)] for b in range(9)])  # rows, columns, boxes
 CELL_UNITS = [[u for u in range(27) if i in UNITS[u]] for i in range(81)]
 NODE_BUDGET = 2000       # search nodes per solve; a puzzle that needs more is discarded
-MAX_ATTEMPTS = 1000      # fresh grids per puzzle before a tier is declared unreachable (r17+ keeps about 1 in 30)
+MAX_ATTEMPTS = 1000      # fresh grids per puzzle before a tier is declared unreachable (an r17+ puzzle takes tens)
 SUDOKU_VERSION = 2       # bump when generation changes: cached pools are rebuilt
 TRAIN_SEED = 0           # training pools; evaluation pools use the run's seed (and the other grid class)
 
