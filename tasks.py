@@ -860,7 +860,8 @@ def chess_pool(depth, side, count):
         puzzles = generate_puzzles({(depth, side): count}, have=have)[(depth, side)]
         boards = [chess.Board(p['fen']) for p in puzzles]
         return {'x': torch.stack([encode_board(b) for b in boards]),
-                'y': torch.stack([encode_move(b, chess.Move.from_uci(p['move'])) for b, p in zip(boards, puzzles)]).to(torch.int8),
+                'y': torch.stack([encode_move(b, chess.Move.from_uci(p['move'])).to(torch.int8)      # (count, 64, 64)
+                                  for b, p in zip(boards, puzzles)]),
                 'fen': [p['fen'] for p in puzzles], 'move': [p['move'] for p in puzzles], 'kind': [p['kind'] for p in puzzles]}
     return cached('chess', CHESS_VERSION, {'depth': depth, 'side': side, 'n': count}, build)
 
@@ -910,8 +911,8 @@ class Chess:
     """Mate in N: 64 squares in, the first move of the forced mate out: a score for every pair of
     squares, logits[from, to] (the model's pair head: the from-square's query against the
     to-square's key), and training is one softmax over the position's legal moves (choice_loss),
-    so the whole loss is spent on the decision that is scored. Difficulty is the mate depth N, spelled '2', or a range '1-2' for training
-    on several depths. Depth is the easy-to-hard axis because the input never grows: proving a mate
+    so the whole loss is spent on the decision that is scored. Difficulty is the mate depth N,
+    spelled '2', or a range '1-2' for training on several depths. Depth is the easy-to-hard axis because the input never grows: proving a mate
     in N takes 2N-1 plies of look-ahead, so deeper mates ask for more reasoning steps from the same
     64 tokens, which is what extra loop iterations can supply. We train on mates in 1 and 2 and test
     on 1, 2 and 3. A predicted move counts ('move', the headline) when it is legal and forces mate
