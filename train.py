@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from looped import LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, load_weights, config_from_dict, check_fields, one_line, pick_device, GRAPHS, MAX_ITERS
+from looped import (LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, load_weights, config_from_dict,
+                    check_fields, one_line, pick_device, GRAPHS, MAX_ITERS)
 from tasks import get_task, token_scores, TaskError
 
 
