@@ -567,7 +567,8 @@ def print_comparison(records):
     print(LEGEND)
     hard_acc = [r['hard']['accuracy']['rule'] or 0.0 for r in records]   # a diverged loop gets nothing right
     rho = spearman([r['score'] for r in records], hard_acc)
-    print(f"stability score (easy inputs) against hard accuracy at the rule: Spearman {fmt(rho, '.3f')} over {len(records)} checkpoints")
+    rho = 'undefined (one side is constant)' if rho is None else f'{rho:.3f}'
+    print(f"stability score (easy inputs) against hard accuracy at the rule: Spearman {rho} over {len(records)} checkpoints")
 
 
 def plot(records, out_dir):
