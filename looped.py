@@ -113,12 +113,8 @@ class LoopedConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.pos == 'rope' and (self.d_model // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
-        if self.window < 0:
-            raise ValueError(f"window must be >= 0, got {self.window}")
         if self.recall == 'none' and self.init_state != 'embed':  # h_0 is then the only way in, and it ignores x
             raise ValueError(f"recall 'none' with init_state {self.init_state!r} never reads the input; use init_state 'embed' or a recall")
-        if self.halt_tol < 0 or self.max_iters < 0:
-            raise ValueError(f"halt_tol and max_iters must be >= 0, got {self.halt_tol} and {self.max_iters}")
         if GRAPHS[self.graph] and self.pos == 'learned' and self.block_size != GRAPHS[self.graph]:
             raise ValueError(f"graph {self.graph!r} is drawn for {GRAPHS[self.graph]} tokens, but block_size is {self.block_size}")
         return self
