@@ -92,6 +92,7 @@ class LoopedConfig:
     causal: bool = False         # causal attention mask
     window: int = 0              # attend only to positions less than `window` away (0: all)
     graph: str = 'all'           # who may attend to whom: all | sudoku (row/column/box peers) | chess (lines, knight jumps)
+    board_bias: bool = False     # a learned attention bias per head for each (row, column) offset on the graph's board
     bos: bool = False            # prepend a start token (id vocab_size) inside the model; its output is dropped
     bias: bool = False           # biases in Linear layers
     halt_tol: float = 0.0        # default rule: > 0 = after n_iters, go on per example until ||h_t+1 - h_t|| / ||h_t|| < halt_tol
@@ -115,6 +116,8 @@ class LoopedConfig:
             raise ValueError(f"rope needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
         if self.recall == 'none' and self.init_state != 'embed':  # h_0 is then the only way in, and it ignores x
             raise ValueError(f"recall 'none' with init_state {self.init_state!r} never reads the input; use init_state 'embed' or a recall")
+        if self.board_bias and not GRAPHS[self.graph]:
+            raise ValueError("board_bias needs a board: use it with graph 'sudoku' or 'chess'")
         if GRAPHS[self.graph] and self.pos == 'learned' and self.block_size != GRAPHS[self.graph]:
             raise ValueError(f"graph {self.graph!r} is drawn for {GRAPHS[self.graph]} tokens, but block_size is {self.block_size}")
         return self
@@ -168,6 +171,14 @@ def graph_mask(graph, T, device=None):
     return (dr == 0) | (df == 0) | (dr == df) | (dr * df == 2)
 
 
+def board_offsets(graph):
+    """(T, T) long: the index of the (row, column) offset from square i to square j on the graph's board,
+    (dr + side - 1) * (2 side - 1) + (dc + side - 1), into a table of (2 side - 1)^2 offsets."""
+    side = math.isqrt(GRAPHS[graph])
+    r, c = torch.arange(side * side) // side, torch.arange(side * side) % side
+    return (r[None, :] - r[:, None] + side - 1) * (2 * side - 1) + (c[None, :] - c[:, None] + side - 1)
+
+
 def local_attention(q, k, v, window, causal):
     """softmax(q k^T / sqrt(hd)) v restricted to |i - j| < window (and j <= i if causal), computed
     from each query's few neighbours in O(T * window) instead of the O(T^2) of a masked dense
@@ -192,6 +203,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.pos == 'rope' else None
         self.mask_cache = None
+        if cfg.board_bias:   # like a convolution's kernel, per head: how much a square attends to the one (dr, dc) away
+            side = math.isqrt(GRAPHS[cfg.graph])
+            self.board_bias = nn.Parameter(torch.zeros(cfg.n_head, (2 * side - 1) ** 2))
+            self.register_buffer('offsets', board_offsets(cfg.graph), persistent=False)
+        else:
+            self.board_bias = None
 
     def forward(self, x):  # x: (B, T, d)
         B, T, d = x.shape
@@ -202,7 +219,8 @@ class SelfAttention(nn.Module):
         elif self.window or self.graph != 'all':
             if self.mask_cache is None or self.mask_cache.shape[0] != T or self.mask_cache.device != x.device:
                 self.mask_cache = self.mask(T, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask_cache)
+            mask = self.mask_cache if self.board_bias is None else self.biased(self.mask_cache)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, d)
@@ -213,6 +231,12 @@ class SelfAttention(nn.Module):
         if self.graph != 'all':
             allowed[self.bos:, self.bos:] &= graph_mask(self.graph, T - self.bos, device)
         return allowed
+
+
+    def biased(self, allowed):
+        """(H, T, T) additive scores: each head's learned bias for the pair's board offset, -inf where not allowed."""
+        bias = F.pad(self.board_bias[:, self.offsets], (int(self.bos), 0, int(self.bos), 0))   # a start token: bias 0
+        return bias.masked_fill(~allowed, float('-inf'))
 
 
 class MLP(nn.Module):

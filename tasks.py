@@ -926,7 +926,7 @@ class Chess:
     eval_difficulties = ('1', '2', '3')
     eval_mults = (0.5, 1, 2, 4)
     headline = 'move'
-    train_defaults = dict(batch_size=32, lr=2e-3, warmup_steps=100, max_steps=1400)   # ~25 min on one busy CPU thread
+    train_defaults = dict(batch_size=32, lr=2e-3, warmup_steps=100, max_steps=3000, alpha=0.0, tbptt=8, overrun=True)   # ~25 min, one CPU thread
     loss = staticmethod(choice_loss)
     train_pool = 1625             # training puzzles per mate depth (each also seen a<->h mirrored)
     test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
@@ -937,7 +937,7 @@ class Chess:
 
     def model_defaults(self, diff):
         return dict(vocab_size=13, n_classes=64, pair_head=True, block_size=64, pos='learned', causal=False,
-                    scale_iters=False, graph='chess', d_model=64, n_head=4, n_iters=8)
+                    scale_iters=False, graph='chess', board_bias=True, recall='internal', d_model=64, n_head=4, n_iters=16)
 
     def parse_difficulty(self, s):
         m = re.fullmatch(r'(\d)(?:-(\d))?', str(s))

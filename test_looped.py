@@ -114,6 +114,7 @@ def test_progressive_loss_matches_plain_forward():
     ce = lambda logits: torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
     assert torch.allclose(train.ProgressiveLoss(model, 0.0, 0)(x, y, 1, 1)[0], ce(model(x, n_iters=3)))
     assert torch.allclose(train.ProgressiveLoss(model, 1.0, 0)(x, y, 1, 2)[0], ce(model(x, n_iters=3)))
+    assert torch.allclose(train.ProgressiveLoss(model, 0.0, 2)(x, y, 1, 1, extra=2)[0], ce(model(x, n_iters=5)))  # overrun
     scaled = LoopedTransformer(tiny_config(scale_iters=True, n_iters=4, block_size=8))   # 1 iteration per 2 tokens
     x4 = torch.randint(0, 2, (4, 4))
     y4 = x4.cumsum(1) % 2
@@ -185,6 +186,31 @@ def test_chess_graph_is_lines_and_knight_jumps():
     board.set_piece_at(e4, chess.Piece(chess.KNIGHT, chess.WHITE))
     assert sees == lines | set(board.attacks(e4)) | {e4}
     assert torch.equal(allowed, allowed.T)
+
+
+def test_board_bias_depends_only_on_the_board_offset():
+    """board_bias: one learned number per head and (row, column) offset, added to the attention
+    scores of every square pair at that offset and nowhere else; off the graph stays -inf."""
+    model = LoopedTransformer(tiny_config(vocab_size=13, n_classes=3, block_size=64, causal=False, graph='chess', board_bias=True))
+    attn = model.block.attn
+    offsets = attn.offsets
+    assert offsets[chess.A1, chess.B3] == offsets[chess.E4, chess.F6] != offsets[chess.B3, chess.A1]   # a knight jump (+2, +1)
+    with torch.no_grad():
+        attn.board_bias[1, offsets[chess.E4, chess.F6]] = 5.0
+    allowed = attn.mask(64, 'cpu')
+    mask = attn.biased(allowed)
+    assert mask.shape == (attn.n_head, 64, 64)
+    assert torch.isneginf(mask[:, ~allowed]).all()
+    five = (mask[1] == 5.0)
+    assert five.sum() == 6 * 7 and five[chess.A1, chess.B3] and five[chess.G6, chess.H8]   # every (+2, +1) pair on the board
+    assert (mask[0][allowed] == 0).all() and (mask[1][allowed & ~five] == 0).all()
+    x = torch.randn(1, 64, attn.qkv.in_features)
+    before = attn(x)
+    with torch.no_grad():
+        attn.board_bias[1] = 0.0
+    assert not torch.allclose(before, attn(x))                    # the forward pass uses it
+    with pytest.raises(ValueError, match="board_bias needs a board"):
+        LoopedConfig(board_bias=True).validate()
 
 
 def test_attention_graph_must_fit_the_input():

@@ -53,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0         # clip the global gradient norm (0 = off)
     alpha: float = 0.5             # progressive loss weight: (1-alpha) CE(T iters) + alpha CE(n+k iters)
     tbptt: int = 0                 # backprop through the last tbptt iterations of the T-iteration term (0 = all)
+    overrun: bool = False          # that term runs T + extra iterations, extra ~ U{0..T-1}: the answer must hold past T
     log_interval: int = 50         # steps between log lines
     eval_interval: int = 500       # steps between quick evaluations at the training difficulty (0 = never)
     ckpt_interval: int = 500       # steps between checkpoints (0 = only at the end)
@@ -192,17 +193,19 @@ class ProgressiveLoss(nn.Module):
         loss = (1 - alpha) * CE(readout(h_T)) + alpha * CE(readout(h'_{n+k}))
 
     CE is `loss(logits, y)`: a task's own loss where it has one (task.loss), else per-token cross-entropy.
-    h_T runs the full T = model.default_iters(L) iterations (gradient through the last `tbptt` only, if set);
-    h' starts from h_n detached and runs k more iterations with gradient, n ~ U{0..T-1},
-    k ~ U{1..T-n}: the model must improve any state it is handed, not count its own steps."""
+    h_T runs the full T = model.default_iters(L) iterations (gradient through the last `tbptt` only, if set),
+    or T + extra with overrun, so the readout is trained anywhere in [T, 2T) and the loop must keep its
+    answer after the rule instead of producing it at T only; h' starts from h_n detached and runs k more
+    iterations with gradient, n ~ U{0..T-1}, k ~ U{1..T-n}: the model must improve any state it is
+    handed, not count its own steps."""
 
     def __init__(self, model, alpha, tbptt, compile=False, loss=token_cross_entropy):
         super().__init__()
         self.model, self.alpha, self.tbptt, self.loss = model, alpha, tbptt, loss
         self.step = torch.compile(model.step) if compile else model.step   # the loop body is what is worth compiling
 
-    def forward(self, x, y, n, k, noise_gen=None):
-        m, T = self.model, self.model.default_iters(x.size(1))
+    def forward(self, x, y, n, k, noise_gen=None, extra=0):
+        m, T = self.model, self.model.default_iters(x.size(1)) + extra
         e = m.embed(x)                                              # (B, L, d)
         h = m.initial_state(e, noise_gen)
         main_iters = T if self.alpha < 1 else n                     # alpha = 1: only the progressive term
@@ -230,10 +233,12 @@ class ProgressiveLoss(nn.Module):
         return loss, logits, fwd_iters, grad_iters
 
 
-def draw_n_k(T, gen):
+def draw_iters(T, gen, overrun=False):
+    """n, k of the progressive term and the main term's extra iterations (ProgressiveLoss)."""
     n = int(torch.randint(0, T, (1,), generator=gen))
     k = int(torch.randint(1, T - n + 1, (1,), generator=gen))
-    return n, k
+    extra = int(torch.randint(0, T, (1,), generator=gen)) if overrun else 0
+    return n, k, extra
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -528,11 +533,11 @@ def run(tc, cfg, task, train_diff, device, rank, world, saved):
         for group in optimizer.param_groups:
             group['lr'] = lr
         x, y = task.train_batch(train_diff, tc.batch_size, gen)           # the global batch; this rank takes its shard
-        n, k = draw_n_k(model.default_iters(x.size(1)), gen)
+        n, k, extra = draw_iters(model.default_iters(x.size(1)), gen, tc.overrun)
         x, y = x[rank * local_b:(rank + 1) * local_b].to(device), y[rank * local_b:(rank + 1) * local_b].to(device)
         model.train()
         with ctx:
-            loss, logits, fwd_iters, grad_iters = loss_module(x, y, n, k, gen)
+            loss, logits, fwd_iters, grad_iters = loss_module(x, y, n, k, gen, extra)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:
