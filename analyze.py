@@ -571,14 +571,14 @@ COLUMNS = [  # (header, width, cell of one split): the side-by-side table, one r
     ('state', 9, lambda s: s['state']), ('conv', 5, lambda s: f"{s['converged']:.0%}"),
     ('residual', 9, lambda s: fmt(s['residual']['median'], '.1e')),
     ('rho conv', 11, lambda s: fmt(s['rho']['median'], '.3f', ok(s['rho']))),
-    ('||J||', 7, lambda s: fmt(s['norm_J']['median'], '.2f')),
+    ('||J||', 8, lambda s: fmt(s['norm_J']['median'], '.2f')),
     ('sig_min conv', 12, lambda s: fmt(s['sigma_min']['median'], '.3f', ok(s['sigma_min']))),
     ('IFT conv', 12, lambda s: fmt(s['sens_ift']['median'], '.3g', ok(s['sens_ift']))),
     ('FD', 8, lambda s: fmt(s['sens_fd']['median'], '.3g')),
     ('same/fp/unset', 14, path_cell), ('min cos', 8, cos_cell),
-    ('acc %', 6, lambda s: pct(s['accuracy']['default'])), ('it', 5, lambda s: f"{s['accuracy']['default_iters']:.0f}"),
+    ('acc %', 8, lambda s: pct(s['accuracy']['default'])), ('it', 5, lambda s: f"{s['accuracy']['default_iters']:.0f}"),
     ('peak@it', 11, lambda s: pct(s['accuracy']['peak'], f"@{s['accuracy']['peak_iters']}")),
-    ('cap %', 6, lambda s: pct(s['accuracy']['final'])), ('halt it', 8, lambda s: f"{s['halting']['mean_iters']:.1f}"),
+    ('cap %', 8, lambda s: pct(s['accuracy']['final'])), ('halt it', 8, lambda s: f"{s['halting']['mean_iters']:.1f}"),
     ('score', 6, lambda s: f"{s['score']:.2f}"),
 ]
 
