@@ -6,8 +6,8 @@ comparison of checkpoints (one row per recall / normalization variant).
     python analyze.py out_std/ckpt.pt out_none/ckpt.pt --json diag.json --plot figs
 
 F(h, e) = model.step(h, e) is one iteration, e = model.embed(x). On --batch easy inputs (the training
-difficulty) and --batch hard ones (--hard), the loop runs at least the default rule and then on until every
-example's residual is below --reach_tol or reach_mult x the rule is reached: the reached state h*.
+difficulty) and --batch hard ones (--hard), the loop runs at least the default rule and then on, each example
+until its residual is below --reach_tol or reach_mult x the rule is reached: its reached state h*.
 
 Which map is measured. Where no computation after this state can see the per-position mean direction
 U = span{1_pos} (J_h maps U into U and the readout ignores it; checked numerically at h_0 and h*), every
@@ -89,7 +89,7 @@ class AnalyzeConfig:
     noise: str = '1,3'       # path independence: scales of the noise starts, relative to the state's RMS
     draws: int = 2           # noise starts per scale and example
     same_tol: float = 1e-2   # a start reached the same fixed point when ||P(h - h*)|| / ||P h*|| is below this
-    halt_tol: float = 1e-3   # adaptive halting: an example stops once its residual is below this
+    halt_tol: float = 1e-3   # adaptive halting (ours, not the checkpoint's rule): an example stops once its residual is below this
     overthink: float = 0.05  # final accuracy this far below the peak counts as overthinking
     device: str = 'cpu'      # cpu | cuda | cuda:N | mps
     seed: int = 0            # seeds the examples and the random directions
@@ -446,7 +446,7 @@ def analyze_split(model, m64, task, diff, split, cfg):
     out['sens_ift'], out['sens_fd'] = stats(ift, converged=frac(ift_ok)), stats(fd)
     lap('sensitivity')
     conv = converged.nonzero()[:, 0]                            # only a converged loop has a fixed point to come back to
-    path_same = torch.zeros(len(x))                             # elsewhere the score's reach is 0 anyway
+    path_same = torch.zeros(len(x), device=x.device)            # elsewhere the score's reach is 0 anyway
     out['path'] = dict(examples=len(conv), starts=[], trivial=[], checked=0, same=None, other_fixed_point=None,
                        unsettled=None, outputs_differ=None, min_cos=None, per_start={})
     if len(conv):
@@ -458,7 +458,7 @@ def analyze_split(model, m64, task, diff, split, cfg):
                            same=share(p['same']), other_fixed_point=share(p['other']), unsettled=share(p['unsettled']),
                            outputs_differ=share(p['differ']), min_cos=p['cos'][keep].min().item() if keep.any() else None,
                            per_start={n: (s & k).sum().item() / max(1, k.sum().item()) for n, s, k in zip(names, p['same'], keep)})
-        path_same[conv] = ((p['same'] & keep).sum(0) / keep.sum(0).clamp_min(1)).where(keep.any(0), torch.ones(len(conv)))
+        path_same[conv] = ((p['same'] & keep).sum(0) / keep.sum(0).clamp_min(1)).where(keep.any(0), torch.ones_like(path_same[conv]))
     lap('path')
     counts = sorted({rule, cap} | {int(c) for c in np.geomspace(1, cap, 16).round()})
     first_bad = next((t + 1 for t, r in enumerate(res) if not torch.isfinite(r).all()), math.inf)
