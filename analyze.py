@@ -6,8 +6,8 @@ comparison of checkpoints (one row per recall / normalization variant).
     python analyze.py out_std/ckpt.pt out_none/ckpt.pt --json diag.json --plot figs
 
 F(h, e) = model.step(h, e) is one iteration, e = model.embed(x). On --batch easy inputs (the training
-difficulty) and --batch hard ones (--hard), the loop runs at least the default rule and then on until every
-example's residual is below --reach_tol or reach_mult x the rule is reached: the reached state h*.
+difficulty) and --batch hard ones (--hard), the loop runs at least the default rule and then on, each example
+until its residual is below --reach_tol or reach_mult x the rule is reached: its reached state h*.
 
 Which map is measured. Where no computation after this state can see the per-position mean direction
 U = span{1_pos} (J_h maps U into U and the readout ignores it; checked numerically at h_0 and h*), every
@@ -26,17 +26,22 @@ change, and the mean drifts without the outputs ever noticing. Per example (tabl
              v a random input direction with ||v|| = ||e||; only a solution where GMRES converged
   sens_fd    the same by a forward difference in float64 (error about eps relative), rerunning the loop from
              e + eps v, h_0 included: recall 'none' has J_x = 0, so sens_ift = 0, yet h* moves through h_0
-  path       path independence: from two other inputs' h*, zeros, and --draws noise starts at each --noise
-             scale, where does the loop land: the same fixed point, another converged one, or nowhere yet;
-             whether the outputs then differ; the minimum cosine (Anil et al.'s alignment). A start that is
-             already a fixed point (zeros for a bias-free recall-none loop) says nothing and is dropped
-  accuracy   task.headline against iterations on --acc_n examples: at the rule, at its peak, at the cap
-             (overthinking: below the peak by more than --overthink), and with adaptive halting
+  path       path independence, on the examples whose loop converged (elsewhere there is no fixed point to
+             come back to, and the score is 0 anyway): from two other such inputs' h*, zeros, and --draws
+             noise starts at each --noise scale, where does the loop land: the same fixed point, another
+             converged one, or nowhere yet; whether the outputs then differ; the minimum cosine (Anil et al.'s
+             alignment). A start that is already a fixed point (zeros for a bias-free recall-none loop) says
+             nothing and is dropped
+  accuracy   task.headline on --acc_n examples: with the checkpoint's default rule (model(idx): the rule's
+             iterations, then halting where its config has halt_tol), against fixed iterations (at the rule,
+             at the peak, at the cap; overthinking: below the peak by more than --overthink), and with
+             --halt_tol halting on the observable residual from the first iteration (on the --batch examples)
   score      the stability score (stability_score): on easy inputs only, the share of examples whose loop
              converged (reach) to an attracting (contract) fixed point that the input moves through the loop
              as much as in all (input: min(IFT, FD) / max(IFT, FD)) and that other starts find (path)
 Every iterative estimate carries converged: the share of examples on which it converged. With several
-checkpoints the comparison table ends with Spearman's correlation of score and hard accuracy at the rule.
+checkpoints the comparison table ends with Spearman's correlation of score and hard accuracy with the default
+rule (score_correlation).
 A statistic with a NaN or inf anywhere is null in JSON and 'diverged' in the tables, never a number.
 
 --json FILE writes {config: {flag: value}, checkpoints: [RECORD]}, RECORD = {path, task, step, variant,
@@ -45,9 +50,10 @@ rule_iters, cap_iters, reach_iters (run), state ('mean-free' | 'full'), observab
 readout, gain, at_fixed_point}, converged, diverged, residual_curve (median per iteration), seconds (per
 diagnostic), residual, rho, norm_J, sigma_min, sens_ift, sens_fd: {median, mean, max, min over examples,
 and converged (rho, norm_J, sigma_min, sens_ift), power_off (rho)}, path: {starts, trivial, checked, same,
-other_fixed_point, unsettled, outputs_differ (shares of the non-trivial starts), min_cos, per_start},
-accuracy: {n, curve: {iters: acc}, rule, peak, peak_iters, final, overthinking}, halting: {accuracy,
-mean_iters, halted}, score, score_parts: {reach, contract, input, path}}.
+other_fixed_point, unsettled, outputs_differ (shares of the non-trivial starts; null where no example converged),
+min_cos, per_start, examples (converged, checked)},
+accuracy: {n, curve: {iters: acc}, rule, default, default_iters (mean), peak, peak_iters, final,
+overthinking}, halting: {accuracy, mean_iters, halted}, score, score_parts: {reach, contract, input, path}}.
 """
 
 import argparse
@@ -60,12 +66,11 @@ from dataclasses import dataclass, fields, asdict
 
 import numpy as np
 import torch
-from torch.func import jvp, vjp
 from torch.nn.attention import sdpa_kernel, SDPBackend
 
 from looped import LoopedTransformer, CheckpointError, load_checkpoint, check_fields, one_line, pick_device, MAX_ITERS
 from tasks import get_task
-from train import evaluate, field_help, OneLineParser
+from train import evaluate, evaluate_rule, field_help, OneLineParser
 
 
 @dataclass
@@ -73,7 +78,7 @@ class AnalyzeConfig:
     hard: str = ''           # hard difficulty ('' = the hardest eval difficulty within max_cost)
     max_cost: float = 16.0   # default hard: per-example cost (length x default iterations) at most this x easy
     batch: int = 16          # examples per split for the diagnostics
-    acc_n: int = 32          # examples per split for the accuracy curves (the diagnostics' examples among them)
+    acc_n: int = 16          # examples per split for the accuracy curves (the diagnostics' examples among them)
     reach_mult: float = 4.0  # iterations to the fixed point: at least the default rule, at most this x the rule
     reach_tol: float = 1e-5  # an example has converged once its residual is below this
     power_iters: int = 10    # power iterations before Arnoldi, for the spectral radius
@@ -84,7 +89,7 @@ class AnalyzeConfig:
     noise: str = '1,3'       # path independence: scales of the noise starts, relative to the state's RMS
     draws: int = 2           # noise starts per scale and example
     same_tol: float = 1e-2   # a start reached the same fixed point when ||P(h - h*)|| / ||P h*|| is below this
-    halt_tol: float = 1e-3   # adaptive halting: an example stops once its residual is below this
+    halt_tol: float = 1e-3   # adaptive halting (ours, not the checkpoint's rule): an example stops once its residual is below this
     overthink: float = 0.05  # final accuracy this far below the peak counts as overthinking
     device: str = 'cpu'      # cpu | cuda | cuda:N | mps
     seed: int = 0            # seeds the examples and the random directions
@@ -178,17 +183,29 @@ def ritz(A, v0, m, which, tol, symmetric=False):
     return theta.to(v0.device), converged.to(v0.device)
 
 
-def jacobian_ops(F, h, e, proj=None):
-    """v -> J_h v (forward mode) and u -> J_h^T u (one backward graph, reused) at (h, e), on (B, N) rows. With
-    proj (a symmetric projection P, e.g. mean_free) the observable map's Jacobian P J_h P and its transpose."""
-    f = lambda h_: F(h_, e)
-    P = (lambda v: proj(v.view_as(h)).flatten(1)) if proj else (lambda v: v)
+def linear_ops(f, x):
+    """The Jacobian A = df/dx at x as two operators on (B, N) rows, v -> A v and u -> A^T u, from one graph: A^T u
+    by backward, and A v by differentiating u -> A^T u, which is linear in u, so exactly (on CPU a few times cheaper
+    than forward mode through LayerNorm and attention). A = 0 where f does not read x."""
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):     # fused attention kernels lack double backward
+        x = x.detach().requires_grad_()
+        y = f(x)
+        u = torch.zeros_like(y, requires_grad=True)
+        ATu = torch.autograd.grad(y, x, u, create_graph=True, allow_unused=True)[0] if y.requires_grad else None
+    if ATu is None:
+        return (lambda v: y.new_zeros(len(y), y[0].numel())), (lambda w: x.new_zeros(len(x), x[0].numel()))
+    A = lambda v: torch.autograd.grad(ATu, u, v.view_as(x), retain_graph=True)[0].flatten(1)
+    return A, lambda w: torch.autograd.grad(y, x, w.view_as(y), retain_graph=True)[0].flatten(1)
 
-    def J(v):
-        with sdpa_kernel(SDPBackend.MATH):                      # fused attention kernels lack forward mode
-            return P(jvp(f, (h,), (P(v).view_as(h),))[1].flatten(1))
-    pullback = vjp(f, h)[1]
-    return J, lambda u: P(pullback(P(u).view_as(h))[0].flatten(1))
+
+def jacobian_ops(F, h, e, proj=None):
+    """v -> J_h v and u -> J_h^T u at (h, e), on (B, N) rows. With proj (a symmetric projection P, e.g. mean_free)
+    the observable map's Jacobian P J_h P and its transpose."""
+    J, JT = linear_ops(lambda h_: F(h_, e), h)
+    if not proj:
+        return J, JT
+    P = lambda v: proj(v.view_as(h)).flatten(1)
+    return (lambda v: P(J(P(v)))), (lambda u: P(JT(P(u))))
 
 
 def start_vector(h, proj=None):  # a random (B, N) Krylov start in the space the operators act on
@@ -200,21 +217,30 @@ def start_vector(h, proj=None):  # a random (B, N) Krylov start in the space the
 
 @torch.no_grad()
 def iterate(F, h, e, n_iters, halt_tol=0.0, proj=None, until=0.0, min_iters=0):
-    """Up to n_iters iterations h <- F(h, e), stopping early once min_iters are done and every example's residual
-    ||P(h_{t+1} - h_t)|| / ||P h_t|| (P = proj, else the identity) is below `until`. Returns the last state, the
-    residuals (iterations run, B), and per example the state at which its residual first fell below halt_tol and
-    that iteration (else the last)."""
+    """Up to n_iters iterations h <- F(h, e), residual ||P(h_{t+1} - h_t)|| / ||P h_t|| (P = proj, else the
+    identity). With `until`, an example stops once min_iters are done and its residual is below `until` (or not a
+    number): it keeps that state and residual while the others go on, and the loop ends when all have stopped.
+    Returns the last states, the residuals (iterations run, B), and per example the state at which its residual
+    first fell below halt_tol and that iteration (else the last)."""
     P = proj or (lambda v: v)
     res, h_halt, t_halt = [], h, torch.zeros(h.size(0), dtype=torch.long, device=h.device)
     rows = (-1,) + (1,) * (h.dim() - 1)
+    active = torch.arange(h.size(0), device=h.device)           # the examples still iterating
     for t in range(n_iters):
-        h_next = F(h, e)
-        res.append(bnorm(P(h_next - h)) / bnorm(P(h)).clamp_min(TINY))
-        stop = (res[-1] < halt_tol) & (t_halt == 0)
-        h_halt, h = torch.where(stop.view(rows), h_next, h_halt), h_next
+        every = len(active) == len(h)
+        h_a = h if every else h[active]
+        new = F(h_a, e if every else e[active])
+        r = res[-1].clone() if res else h.new_zeros(len(h))
+        r[active] = bnorm(P(new - h_a)) / bnorm(P(h_a)).clamp_min(TINY)
+        h = new if every else h.index_copy(0, active, new)
+        res.append(r)
+        stop = (r < halt_tol) & (t_halt == 0)
+        h_halt = torch.where(stop.view(rows), h, h_halt)
         t_halt[stop] = t + 1
-        if until and t + 1 >= min_iters and (res[-1] < until).all():
-            break
+        if until and t + 1 >= min_iters:
+            active = active[r[active] >= until]                # NaN compares False: a diverged example stops too
+            if not len(active):
+                break
     t_halt[t_halt == 0] = len(res)
     return h, torch.stack(res), torch.where((t_halt == len(res)).view(rows), h, h_halt), t_halt
 
@@ -273,9 +299,8 @@ def ift_sensitivity(F, h, e, v, krylov=24, tol=1e-4, restarts=4, proj=None):
     (I - P J_h P)^{-1} P J_x v), by restarted GMRES on u -> u - J_h u. Returns the ratio and whether GMRES
     reached tol (B,); where it did not, the ratio is only where GMRES stopped, not the solution."""
     J = jacobian_ops(F, h, e, proj)[0]
-    with sdpa_kernel(SDPBackend.MATH):
-        b = jvp(lambda e_: F(h, e_), (e,), (v,))[1]             # J_x v
-    b = (proj(b) if proj else b).flatten(1)
+    b = linear_ops(lambda e_: F(h, e_), e)[0](v.flatten(1))      # J_x v
+    b = proj(b.view_as(h)).flatten(1) if proj else b
     A = lambda u: u - J(u)
     x, r = torch.zeros_like(b), b
     for _ in range(restarts):
@@ -420,23 +445,33 @@ def analyze_split(model, m64, task, diff, split, cfg):
     fd = fd_sensitivity(m64.step, lambda e_: init(e_, m64), e.double(), v.double(), len(res), cfg.eps, proj).to(ift)
     out['sens_ift'], out['sens_fd'] = stats(ift, converged=frac(ift_ok)), stats(fd)
     lap('sensitivity')
-    names, p = path_independence(F, model.readout, e, h, cap, rule, cfg.reach_tol, cfg.same_tol, proj,
-                                 [float(s) for s in cfg.noise.split(',') if s], cfg.draws)
-    keep = ~p['trivial']
-    share = lambda m: (m & keep).sum().item() / max(1, keep.sum().item())
-    out['path'] = dict(starts=names, trivial=[n for n, t in zip(names, p['trivial']) if t.all()], checked=int(keep.sum()),
-                       same=share(p['same']), other_fixed_point=share(p['other']), unsettled=share(p['unsettled']),
-                       outputs_differ=share(p['differ']), min_cos=p['cos'][keep].min().item() if keep.any() else None,
-                       per_start={n: (s & k).sum().item() / max(1, k.sum().item()) for n, s, k in zip(names, p['same'], keep)})
-    path_same = ((p['same'] & keep).sum(0) / keep.sum(0).clamp_min(1)).where(keep.any(0), torch.ones(len(x)))
+    conv = converged.nonzero()[:, 0]                            # only a converged loop has a fixed point to come back to
+    path_same = torch.zeros(len(x), device=x.device)            # elsewhere the score's reach is 0 anyway
+    out['path'] = dict(examples=len(conv), starts=[], trivial=[], checked=0, same=None, other_fixed_point=None,
+                       unsettled=None, outputs_differ=None, min_cos=None, per_start={})
+    if len(conv):
+        names, p = path_independence(F, model.readout, e[conv], h[conv], cap, rule, cfg.reach_tol, cfg.same_tol, proj,
+                                     [float(s) for s in cfg.noise.split(',') if s], cfg.draws)
+        keep = ~p['trivial']
+        share = lambda m: (m & keep).sum().item() / max(1, keep.sum().item())
+        out['path'].update(starts=names, trivial=[n for n, t in zip(names, p['trivial']) if t.all()], checked=int(keep.sum()),
+                           same=share(p['same']), other_fixed_point=share(p['other']), unsettled=share(p['unsettled']),
+                           outputs_differ=share(p['differ']), min_cos=p['cos'][keep].min().item() if keep.any() else None,
+                           per_start={n: (s & k).sum().item() / max(1, k.sum().item()) for n, s, k in zip(names, p['same'], keep)})
+        path_same[conv] = ((p['same'] & keep).sum(0) / keep.sum(0).clamp_min(1)).where(keep.any(0), torch.ones_like(path_same[conv]))
     lap('path')
     counts = sorted({rule, cap} | {int(c) for c in np.geomspace(1, cap, 16).round()})
     first_bad = next((t + 1 for t, r in enumerate(res) if not torch.isfinite(r).all()), math.inf)
     curve = {t: s[task.headline] if t < first_bad else None for t, s in evaluate(model, task, split, counts, 128).items()}
     peak_t = max((t for t in counts if curve[t] is not None), key=curve.get, default=None)
     peak = curve.get(peak_t)
+    default, used = curve[rule], torch.tensor([rule])           # the checkpoint's default rule, model(idx): without halt_tol
+    if model.cfg.halt_tol > 0:                                  # the fixed rule, else the rule then halting: run it
+        scores, used = evaluate_rule(model, task, split)
+        default = None if first_bad <= used.max() else scores[task.headline]
     out['accuracy'] = dict(n=len(split['x']), curve=curve, rule=curve[rule], peak=peak, peak_iters=peak_t,
-                           final=curve[cap], overthinking=None if curve[cap] is None else curve[cap] < peak - cfg.overthink)
+                           final=curve[cap], overthinking=None if curve[cap] is None else curve[cap] < peak - cfg.overthink,
+                           default=default, default_iters=used.float().mean().item())
     with torch.no_grad():
         halt_acc = task.score(model.readout(h_halt).float().cpu(), head(split, len(x)))[task.headline]
     out['halting'] = dict(accuracy=None if out['diverged'] else halt_acc, mean_iters=t_halt.float().mean().item(),
@@ -502,9 +537,13 @@ def ok(d):  # the share of examples on which an iterative estimate converged, as
     return f" {d['converged']:.0%}"
 
 
-def path_cell(s):  # same / other fixed point / unsettled (% of non-trivial starts), outputs differ
+def path_cell(s):  # same / other fixed point / unsettled (% of non-trivial starts); '-': no converged example to check
     p = s['path']
-    return f"{p['same']:.0%}/{p['other_fixed_point']:.0%}/{p['unsettled']:.0%}"
+    return f"{p['same']:.0%}/{p['other_fixed_point']:.0%}/{p['unsettled']:.0%}" if p['checked'] else '-'
+
+
+def cos_cell(s):  # the minimum cosine of a checked start with h*
+    return fmt(s['path']['min_cos'], '.2f') if s['path']['checked'] else '-'
 
 
 ROWS = [  # (label, cell of one split): the table of one checkpoint
@@ -517,10 +556,11 @@ ROWS = [  # (label, cell of one split): the table of one checkpoint
     ('sigma_min(I-J) <= conv', lambda s: fmt(s['sigma_min']['median'], '.3f', ok(s['sigma_min']))),
     ('sensitivity IFT conv', lambda s: fmt(s['sens_ift']['median'], '.3g', ok(s['sens_ift']))),
     ('sensitivity FD (float64)', lambda s: fmt(s['sens_fd']['median'], '.3g')),
-    ('starts same/other fp/unset', path_cell),
-    ('  outputs differ, min cos', lambda s: f"{s['path']['outputs_differ']:.0%}, {fmt(s['path']['min_cos'], '.2f')}"),
+    ('starts same/other fp/unset', lambda s: f"{path_cell(s)} ({s['path']['examples']} ex)"),
+    ('  outputs differ, min cos', lambda s: f"{s['path']['outputs_differ']:.0%}, {cos_cell(s)}" if s['path']['checked'] else '-'),
     ('  trivial starts dropped', lambda s: ','.join(t.split(' #')[0] for t in s['path']['trivial']) or '-'),
-    ('accuracy % at the rule', lambda s: pct(s['accuracy']['rule'])),
+    ('accuracy % at rule iterations', lambda s: pct(s['accuracy']['rule'])),
+    ('default rule % / iterations', lambda s: pct(s['accuracy']['default'], f" / {s['accuracy']['default_iters']:.1f}")),
     ('peak % @ iterations', lambda s: pct(s['accuracy']['peak'], f" @ {s['accuracy']['peak_iters']}")),
     ('at the cap %', lambda s: pct(s['accuracy']['final'], ' overthinks' if s['accuracy']['overthinking'] else '')),
     ('halting % / mean iterations', lambda s: pct(s['halting']['accuracy'], f" / {s['halting']['mean_iters']:.1f}")),
@@ -531,22 +571,25 @@ COLUMNS = [  # (header, width, cell of one split): the side-by-side table, one r
     ('state', 9, lambda s: s['state']), ('conv', 5, lambda s: f"{s['converged']:.0%}"),
     ('residual', 9, lambda s: fmt(s['residual']['median'], '.1e')),
     ('rho conv', 11, lambda s: fmt(s['rho']['median'], '.3f', ok(s['rho']))),
-    ('||J||', 7, lambda s: fmt(s['norm_J']['median'], '.2f')),
+    ('||J||', 8, lambda s: fmt(s['norm_J']['median'], '.2f')),
     ('sig_min conv', 12, lambda s: fmt(s['sigma_min']['median'], '.3f', ok(s['sigma_min']))),
     ('IFT conv', 12, lambda s: fmt(s['sens_ift']['median'], '.3g', ok(s['sens_ift']))),
     ('FD', 8, lambda s: fmt(s['sens_fd']['median'], '.3g')),
-    ('same/fp/unset', 14, path_cell), ('min cos', 8, lambda s: fmt(s['path']['min_cos'], '.2f')),
-    ('acc %', 6, lambda s: pct(s['accuracy']['rule'])),
+    ('same/fp/unset', 14, path_cell), ('min cos', 8, cos_cell),
+    ('acc %', 8, lambda s: pct(s['accuracy']['default'])), ('it', 5, lambda s: f"{s['accuracy']['default_iters']:.0f}"),
     ('peak@it', 11, lambda s: pct(s['accuracy']['peak'], f"@{s['accuracy']['peak_iters']}")),
-    ('cap %', 6, lambda s: pct(s['accuracy']['final'])), ('halt it', 8, lambda s: f"{s['halting']['mean_iters']:.1f}"),
+    ('cap %', 8, lambda s: pct(s['accuracy']['final'])), ('halt it', 8, lambda s: f"{s['halting']['mean_iters']:.1f}"),
     ('score', 6, lambda s: f"{s['score']:.2f}"),
 ]
 
 LEGEND = """state: 'mean-free' = measured on the observable map (each position's mean over features, which J maps to itself and
 no read of the state sees, projected out), 'full' = the whole state. conv: examples whose residual fell below reach_tol.
 'X conv': X's median and the share of examples on which its iterative estimate converged. same/fp/unset: other starts
-landing on the same fixed point / on another fixed point / nowhere yet (% of non-trivial starts). acc % at the rule,
-cap % at reach_mult x the rule. score: the stability score of that split (the checkpoint's score is the easy one)."""
+landing on the same fixed point / on another fixed point / nowhere yet (% of the non-trivial starts of converged
+examples; '-': none converged). acc % @ it: accuracy with the checkpoint's default rule, model(idx) (the rule's
+iterations, then halting where the checkpoint has halt_tol), and its mean iterations; peak@it: the best fixed count of
+iterations; cap %: at reach_mult x the rule. halt it: mean iterations of --halt_tol halting. score: the stability
+score of that split (the checkpoint's score is the easy one)."""
 
 
 def print_checkpoint(r):
@@ -565,10 +608,15 @@ def print_comparison(records):
         for r in records:
             print(f"{r['variant']:22}" + ''.join(f'{cell(r[name]):>{w + 1}}' for _, w, cell in COLUMNS) + f"  {r['path']} ({r[name]['difficulty']})")
     print(LEGEND)
-    hard_acc = [r['hard']['accuracy']['rule'] or 0.0 for r in records]   # a diverged loop gets nothing right
-    rho = spearman([r['score'] for r in records], hard_acc)
+    rho = score_correlation(records)
     rho = 'undefined (one side is constant)' if rho is None else f'{rho:.3f}'
-    print(f"stability score (easy inputs) against hard accuracy at the rule: Spearman {rho} over {len(records)} checkpoints")
+    print(f"stability score (easy inputs) against hard accuracy with the default rule: Spearman {rho} over {len(records)} checkpoints")
+
+
+def score_correlation(records):
+    """Spearman's correlation of the stability score with what it should predict: accuracy on hard inputs with each
+    checkpoint's own default rule, model(idx), halting included where the checkpoint has it (a diverged loop: 0)."""
+    return spearman([r['score'] for r in records], [r['hard']['accuracy']['default'] or 0.0 for r in records])
 
 
 def plot(records, out_dir):
