@@ -864,6 +864,12 @@ def test_analyze_linear_toy_matches_exact_linear_algebra():
     for b, t in enumerate(t_halt.tolist()):
         assert res[t - 1, b] < 1e-6 <= res[:t - 1, b].min()
         assert torch.equal(h_halt[b], analyze.iterate(F, h0, x, t)[0][b])
+    h_u, res_u = analyze.iterate(F, h0, x, 500, until=1e-8, min_iters=5)[:2]             # each example stops on its own
+    stops = [next(t for t in range(5, len(res_u) + 1) if res_u[t - 1, b] < 1e-8) for b in range(B)]
+    assert len(set(stops)) == B and max(stops) == len(res_u)                             # the toy's radii differ
+    for b, t in enumerate(stops):
+        assert torch.allclose(h_u[b], analyze.iterate(F, h0, x, t)[0][b], rtol=0, atol=1e-14)
+        assert (res_u[t - 1:, b] == res_u[t - 1, b]).all()                               # kept its state and residual
 
     torch.manual_seed(0)
     rho, ok, power_off = analyze.spectral_radius(F, h, x, power_iters=20, krylov=12, tol=1e-6)
