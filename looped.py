@@ -204,9 +204,8 @@ class SelfAttention(nn.Module):
         self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.pos == 'rope' else None
         self.mask_cache = None
         if cfg.board_bias:   # like a convolution's kernel, per head: how much a square attends to the one (dr, dc) away
-            side = math.isqrt(GRAPHS[cfg.graph])
-            self.board_bias = nn.Parameter(torch.zeros(cfg.n_head, (2 * side - 1) ** 2))
             self.register_buffer('offsets', board_offsets(cfg.graph), persistent=False)
+            self.board_bias = nn.Parameter(torch.zeros(cfg.n_head, int(self.offsets.max()) + 1))   # (H, (2 side - 1)^2)
         else:
             self.board_bias = None
 
@@ -231,7 +230,6 @@ class SelfAttention(nn.Module):
         if self.graph != 'all':
             allowed[self.bos:, self.bos:] &= graph_mask(self.graph, T - self.bos, device)
         return allowed
-
 
     def biased(self, allowed):
         """(H, T, T) additive scores: each head's learned bias for the pair's board offset, -inf where not allowed."""
