@@ -26,19 +26,19 @@ change, and the mean drifts without the outputs ever noticing. Per example (tabl
              v a random input direction with ||v|| = ||e||; only a solution where GMRES converged
   sens_fd    the same by a forward difference in float64 (error about eps relative), rerunning the loop from
              e + eps v, h_0 included: recall 'none' has J_x = 0, so sens_ift = 0, yet h* moves through h_0
-  path       path independence, on the examples whose loop converged (elsewhere there is no fixed point to
-             come back to, and the score is 0 anyway): from two other such inputs' h*, zeros, and --draws
-             noise starts at each --noise scale, where does the loop land: the same fixed point, another
-             converged one, or nowhere yet; whether the outputs then differ; the minimum cosine (Anil et al.'s
-             alignment). A start that is already a fixed point (zeros for a bias-free recall-none loop) says
-             nothing and is dropped
+  path       path independence: from two other inputs' reached states, zeros, and --draws noise starts at
+             each --noise scale, where does the loop land? On the examples whose loop converged: the same
+             fixed point, another converged one, or nowhere yet; whether the outputs then differ; the minimum
+             cosine (Anil et al.'s alignment). On every example: whether the answer is right from that start
+             (for the score). A start that is already a fixed point (zeros for a bias-free recall-none loop)
+             says nothing and is dropped
   accuracy   task.headline on --acc_n examples: with the checkpoint's default rule (model(idx): the rule's
              iterations, then halting where its config has halt_tol), against fixed iterations (at the rule,
              at the peak, at the cap; overthinking: below the peak by more than --overthink), and with
              --halt_tol halting on the observable residual from the first iteration (on the --batch examples)
-  score      the stability score (stability_score): on easy inputs only, the share of examples whose loop
-             converged (reach) to an attracting (contract) fixed point that the input moves through the loop
-             as much as in all (input: min(IFT, FD) / max(IFT, FD)) and that other starts find (path)
+  score      the stability score (stability_score), on easy inputs only: the share of examples whose answer
+             is right at the rule, stays right at every iteration up to the cap (held), and is also what the
+             loop answers from the other starts (path); the state-level numbers above are reported beside it
 Every iterative estimate carries converged: the share of examples on which it converged. With several
 checkpoints the comparison table ends with Spearman's correlation of score and hard accuracy with the default
 rule (score_correlation).
@@ -51,9 +51,10 @@ readout, gain, at_fixed_point}, converged, diverged, residual_curve (median per 
 diagnostic), residual, rho, norm_J, sigma_min, sens_ift, sens_fd: {median, mean, max, min over examples,
 and converged (rho, norm_J, sigma_min, sens_ift), power_off (rho)}, path: {starts, trivial, checked, same,
 other_fixed_point, unsettled, outputs_differ (shares of the non-trivial starts; null where no example converged),
-min_cos, per_start, examples (converged, checked)},
+min_cos, per_start, examples (converged, checked), right (share of the non-trivial starts of every example
+after which the answer is right)},
 accuracy: {n, curve: {iters: acc}, rule, default, default_iters (mean), peak, peak_iters, final,
-overthinking}, halting: {accuracy, mean_iters, halted}, score, score_parts: {reach, contract, input, path}}.
+overthinking}, halting: {accuracy, mean_iters, halted}, score, score_parts: {right, held, path} (easy only)}.
 """
 
 import argparse
@@ -328,17 +329,19 @@ def fd_sensitivity(F, init, e, v, n_iters, eps=1e-6, proj=None):
     return bnorm(P(h[B:] - h[:B])) / (eps * bnorm(v))
 
 
-def path_independence(F, readout, e, h_ref, n_iters, min_iters, tol, same_tol, proj=None, noise=(1.0, 3.0), draws=2):
+def path_independence(F, readout, e, h_ref, n_iters, min_iters, tol, same_tol, proj=None, noise=(1.0, 3.0), draws=2,
+                      judge=None):
     """Where does the loop land from other starts? Per example: two other inputs' reached states, zeros, and
     `draws` Gaussian starts at each noise scale (x the RMS of the example's own reached state h*). Each runs like
     h* (at least min_iters, at most n_iters, stopping once all residuals are below tol). Returns the start names
     and (K starts, B) tensors: cos (cosine of P h with P h*, Anil et al.'s asymptotic alignment), same (within
     same_tol of h*), other (a different converged fixed point), unsettled (neither), differ (not the same, and its
-    readout's argmax differs somewhere) and trivial: the start is itself already a fixed point (zeros for a
-    bias-free recall-none loop, other inputs' fixed points when no iteration reads the input), which says nothing
-    about the input and is left out of every summary."""
+    readout's argmax differs somewhere), right (judge(logits) of the landing state: the answer is right; False
+    without a judge) and trivial: the start is itself already a fixed point (zeros for a bias-free recall-none
+    loop, other inputs' fixed points when no iteration reads the input), which says nothing about the input and is
+    left out of every summary."""
     P, B = proj or (lambda x: x), len(h_ref)
-    rms = (bnorm(h_ref) / h_ref[0].numel() ** 0.5).view((-1,) + (1,) * (h_ref.dim() - 1))
+    rms = (bnorm(h_ref) / math.prod(h_ref.shape[1:]) ** 0.5).view((-1,) + (1,) * (h_ref.dim() - 1))
     starts = {f'other {k}': h_ref.roll(k, 0) for k in range(1, min(3, B))}
     starts['zeros'] = torch.zeros_like(h_ref)
     for s in noise:
@@ -353,27 +356,28 @@ def path_independence(F, readout, e, h_ref, n_iters, min_iters, tol, same_tol, p
     same = bnorm(P(h - ref)) / scale < same_tol                 # NaN (diverged) compares False
     settled = res[-1] < tol
     with torch.no_grad():
-        differ = (readout(h).argmax(-1) != readout(ref).argmax(-1)).flatten(1).any(1) & ~same
+        logits = readout(h)
+        differ = (logits.argmax(-1) != readout(ref).argmax(-1)).flatten(1).any(1) & ~same
+        right = torch.cat([judge(lg) for lg in logits.view(K, B, *logits.shape[1:])]) if judge else torch.zeros_like(same)
     cos = (P(h) * P(ref)).flatten(1).sum(1) / (bnorm(P(h)) * scale).clamp_min(TINY)
-    out = dict(cos=cos, same=same, other=~same & settled, unsettled=~same & ~settled, differ=differ, trivial=trivial)
+    out = dict(cos=cos, same=same, other=~same & settled, unsettled=~same & ~settled, differ=differ, right=right.to(same),
+               trivial=trivial)
     return list(starts), {k: t.view(K, B) for k, t in out.items()}
 
 
-def stability_score(converged, rho, ift, ift_ok, fd, path_same):
-    """The stability score of one split, per example and its mean: the product of
-      reach     the loop converged (residual below reach_tol within reach_mult x the rule),
-      contract  rho < 1 there (the fixed point attracts),
-      input     min(IFT, FD) / max(IFT, FD) with GMRES converged: the input moves the fixed point, and it does so
-                through the loop (IFT) as much as in all (FD); 0 when no iteration reads the input,
-      path      the share of (non-trivial) other starts that land on the same fixed point.
-    On easy inputs it reads as: on what share of training-difficulty inputs is the loop a reachable, attracting,
-    input-driven, path-independent fixed point, i.e. a rule that can be iterated longer on harder inputs.
+def stability_score(right, held, path_right):
+    """The stability score of one split: the mean over examples of held x path, where
+      right  the answer after the rule's iterations is right (the task's headline, example by example),
+      held   it is right after every iteration from the rule to the cap (reach_mult x the rule): the answer is
+             reached and kept, whether or not the state itself comes to rest,
+      path   the share of the other (non-trivial) starts from which the loop is right at the end: the answer is
+             the input's, not the start's (the other inputs' states are among the starts).
+    On easy inputs it reads as: on what share of training-difficulty inputs does the loop reach the answer and
+    keep it, from any start, i.e. act as a rule that can be iterated longer. It is defined on the answer, not the
+    state: loops that extrapolate perfectly can keep moving in directions the readout ignores (README).
     Returns (score, {component: mean over examples}); NaN counts as failure."""
-    comp = dict(reach=converged.double(), contract=(rho < 1).double(),
-                input=torch.where(ift_ok, torch.minimum(ift, fd) / torch.maximum(ift, fd).clamp_min(TINY), 0).nan_to_num(0.0),
-                path=path_same.double())
-    s = comp['reach'] * comp['contract'] * comp['input'] * comp['path']
-    return s.mean().item(), {k: v.mean().item() for k, v in comp.items()}
+    comp = dict(right=right.double(), held=held.double(), path=path_right.double().nan_to_num(0.0))
+    return (comp['held'] * comp['path']).mean().item(), {k: v.mean().item() for k, v in comp.items()}
 
 
 def spearman(x, y):
@@ -407,7 +411,29 @@ def head(split, n):  # the first n examples of a split (tensors and lists alike)
     return {k: v[:n] for k, v in split.items()}
 
 
-def analyze_split(model, m64, task, diff, split, cfg):
+def pick(split, rows):  # the examples `rows` (a list of indices) of a split, tensors and lists alike
+    return {k: v[list(rows)] if torch.is_tensor(v) else [v[i] for i in rows] for k, v in split.items()}
+
+
+def each_right(task, logits, split):
+    """(B,) bool: is each example's answer right (the task's headline score of that example alone)?"""
+    return torch.tensor([task.score(logits[i:i + 1], pick(split, [i]))[task.headline] == 1 for i in range(len(logits))])
+
+
+def answer_held(F, readout, judge, h, e, rule, cap):
+    """Per example, from the initial state h: is the answer right after `rule` iterations, and right after every
+    iteration from there to `cap`? Returns right, held (B,) bool."""
+    with torch.no_grad():
+        for t in range(1, cap + 1):
+            h = F(h, e)
+            if t == rule:
+                right = held = judge(readout(h))
+            elif t > rule:
+                held = held & judge(readout(h))
+    return right, held
+
+
+def analyze_split(model, m64, task, diff, split, cfg, for_score=False):
     x = split['x'][:cfg.batch].to(cfg.device)                  # the diagnostics' examples; accuracy uses all
     rule = model.default_iters(x.size(1))
     cap = max(rule, round(cfg.reach_mult * rule))
@@ -445,20 +471,20 @@ def analyze_split(model, m64, task, diff, split, cfg):
     fd = fd_sensitivity(m64.step, lambda e_: init(e_, m64), e.double(), v.double(), len(res), cfg.eps, proj).to(ift)
     out['sens_ift'], out['sens_fd'] = stats(ift, converged=frac(ift_ok)), stats(fd)
     lap('sensitivity')
-    conv = converged.nonzero()[:, 0]                            # only a converged loop has a fixed point to come back to
-    path_same = torch.zeros(len(x), device=x.device)            # elsewhere the score's reach is 0 anyway
-    out['path'] = dict(examples=len(conv), starts=[], trivial=[], checked=0, same=None, other_fixed_point=None,
-                       unsettled=None, outputs_differ=None, min_cos=None, per_start={})
-    if len(conv):
-        names, p = path_independence(F, model.readout, e[conv], h[conv], cap, rule, cfg.reach_tol, cfg.same_tol, proj,
-                                     [float(s) for s in cfg.noise.split(',') if s], cfg.draws)
-        keep = ~p['trivial']
-        share = lambda m: (m & keep).sum().item() / max(1, keep.sum().item())
-        out['path'].update(starts=names, trivial=[n for n, t in zip(names, p['trivial']) if t.all()], checked=int(keep.sum()),
-                           same=share(p['same']), other_fixed_point=share(p['other']), unsettled=share(p['unsettled']),
-                           outputs_differ=share(p['differ']), min_cos=p['cos'][keep].min().item() if keep.any() else None,
-                           per_start={n: (s & k).sum().item() / max(1, k.sum().item()) for n, s, k in zip(names, p['same'], keep)})
-        path_same[conv] = ((p['same'] & keep).sum(0) / keep.sum(0).clamp_min(1)).where(keep.any(0), torch.ones_like(path_same[conv]))
+    judge = lambda logits, rows=range(len(x)): each_right(task, logits.float().cpu(), pick(split, rows)).to(x.device)
+    who = torch.arange(len(x), device=x.device) if for_score else converged.nonzero()[:, 0]   # the score asks every example
+    names, p = path_independence(F, model.readout, e[who], h[who], cap, rule, cfg.reach_tol, cfg.same_tol, proj,
+                                 [float(s) for s in cfg.noise.split(',') if s], cfg.draws, lambda lg: judge(lg, who.tolist()))
+    keep = ~p['trivial']
+    path_right = ((p['right'] & keep).sum(0) / keep.sum(0).clamp_min(1)).where(keep.any(0), torch.ones(len(who), device=x.device))
+    keep = keep & converged[who]                                # fixed points: only a converged loop has one to come back to
+    share = lambda m: (m & keep).sum().item() / keep.sum().item() if keep.any() else None
+    out['path'] = dict(examples=int(converged.sum()), starts=names, checked=int(keep.sum()),
+                       trivial=[n for n, t in zip(names, p['trivial'][:, converged[who]]) if len(t) and t.all()],
+                       same=share(p['same']), other_fixed_point=share(p['other']), unsettled=share(p['unsettled']),
+                       outputs_differ=share(p['differ']), min_cos=p['cos'][keep].min().item() if keep.any() else None,
+                       per_start={n: (s & k).sum().item() / max(1, k.sum().item()) for n, s, k in zip(names, p['same'], keep)},
+                       right=((p['right'] & ~p['trivial']).sum() / (~p['trivial']).sum().clamp_min(1)).item())
     lap('path')
     counts = sorted({rule, cap} | {int(c) for c in np.geomspace(1, cap, 16).round()})
     first_bad = next((t + 1 for t, r in enumerate(res) if not torch.isfinite(r).all()), math.inf)
@@ -476,7 +502,9 @@ def analyze_split(model, m64, task, diff, split, cfg):
         halt_acc = task.score(model.readout(h_halt).float().cpu(), head(split, len(x)))[task.headline]
     out['halting'] = dict(accuracy=None if out['diverged'] else halt_acc, mean_iters=t_halt.float().mean().item(),
                           halted=frac(t_halt < len(res)))
-    out['score'], out['score_parts'] = stability_score(converged, rho, ift, ift_ok, fd, path_same)
+    if for_score:
+        right, held = answer_held(F, model.readout, judge, h0, e, rule, cap)
+        out['score'], out['score_parts'] = stability_score(right, held, path_right)
     lap('accuracy')
     return out
 
@@ -508,7 +536,8 @@ def analyze_checkpoint(c, cfg):
     m = c['model'].cfg
     r = dict(path=c['path'], task=c['task'].name, step=c['step'], recall=m.recall, inner_norm=m.inner_norm,
              outer_norm=m.outer_norm, variant=f"{m.recall}/{m.inner_norm}/{'outer' if m.outer_norm else 'no-outer'}",
-             **{name: analyze_split(c['model'], c['model64'], c['task'], *c['splits'][name], cfg) for name in ('easy', 'hard')})
+             **{name: analyze_split(c['model'], c['model64'], c['task'], *c['splits'][name], cfg, name == 'easy')
+                for name in ('easy', 'hard')})
     r['score'] = r['easy']['score']                             # the stability score: easy inputs only
     return no_nan(r)
 
@@ -564,7 +593,8 @@ ROWS = [  # (label, cell of one split): the table of one checkpoint
     ('peak % @ iterations', lambda s: pct(s['accuracy']['peak'], f" @ {s['accuracy']['peak_iters']}")),
     ('at the cap %', lambda s: pct(s['accuracy']['final'], ' overthinks' if s['accuracy']['overthinking'] else '')),
     ('halting % / mean iterations', lambda s: pct(s['halting']['accuracy'], f" / {s['halting']['mean_iters']:.1f}")),
-    ('stability score', lambda s: f"{s['score']:.2f} " + '/'.join(f"{v:.2f}" for v in s['score_parts'].values())),
+    ('score: right/held/path', lambda s: f"{s['score']:.2f}: " + '/'.join(f"{v:.2f}" for v in s['score_parts'].values())
+     if 'score' in s else '-'),
 ]
 
 COLUMNS = [  # (header, width, cell of one split): the side-by-side table, one row per checkpoint
@@ -579,7 +609,7 @@ COLUMNS = [  # (header, width, cell of one split): the side-by-side table, one r
     ('acc %', 8, lambda s: pct(s['accuracy']['default'])), ('it', 5, lambda s: f"{s['accuracy']['default_iters']:.0f}"),
     ('peak@it', 11, lambda s: pct(s['accuracy']['peak'], f"@{s['accuracy']['peak_iters']}")),
     ('cap %', 8, lambda s: pct(s['accuracy']['final'])), ('halt it', 8, lambda s: f"{s['halting']['mean_iters']:.1f}"),
-    ('score', 6, lambda s: f"{s['score']:.2f}"),
+    ('score', 6, lambda s: f"{s['score']:.2f}" if 'score' in s else '-'),
 ]
 
 LEGEND = """state: 'mean-free' = measured on the observable map (each position's mean over features, which J maps to itself and
@@ -589,7 +619,7 @@ landing on the same fixed point / on another fixed point / nowhere yet (% of the
 examples; '-': none converged). acc % @ it: accuracy with the checkpoint's default rule, model(idx) (the rule's
 iterations, then halting where the checkpoint has halt_tol), and its mean iterations; peak@it: the best fixed count of
 iterations; cap %: at reach_mult x the rule. halt it: mean iterations of --halt_tol halting. score: the stability
-score of that split (the checkpoint's score is the easy one)."""
+score, on easy inputs only."""
 
 
 def print_checkpoint(r):

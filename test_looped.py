@@ -1015,6 +1015,21 @@ def test_analyze_finds_a_second_attractor():
     assert p['same'][~noise].any()                                 # some starts do come back (other inputs' states)
     rho = analyze.spectral_radius(F, h, x, krylov=12, tol=1e-8)[0]
     assert (rho < 1).all()                                         # every fixed point attracts: local diagnostics look fine
+    judge = lambda logits: (logits.argmax(-1) == 0).flatten(1).all(1)   # right: every coordinate positive, as h's
+    p = analyze.path_independence(F, sign, x, h, 200, 1, 1e-10, 1e-6, draws=3, judge=judge)[1]
+    assert (p['right'] == p['same']).all()                         # only a start that comes back gives the right answer
+
+
+def test_analyze_score_counts_answers_right_kept_and_found_from_other_starts():
+    """A counter h <- h + e read as 'right while h < 10': after the rule's 2 iterations every example is right, but
+    the fastest one (e = 4) is wrong by the cap (4 iterations), so only two of three keep their answer; the score
+    is the mean of held x path."""
+    judge = lambda logits: logits[:, 0] < 10
+    right, held = analyze.answer_held(lambda h, e: h + e, lambda h: h, judge, torch.zeros(3, 1),
+                                      torch.tensor([[1.0], [2.0], [4.0]]), 2, 4)
+    assert right.tolist() == [True, True, True] and held.tolist() == [True, True, False]
+    score, parts = analyze.stability_score(right, held, torch.tensor([1.0, 0.5, 1.0]))
+    assert score == pytest.approx(0.5) and parts == pytest.approx({'right': 1.0, 'held': 2 / 3, 'path': 2.5 / 3})
 
 
 def test_analyze_score_is_ranked_against_the_default_rule_accuracy():
@@ -1067,7 +1082,8 @@ def test_analyze_cli_end_to_end_with_json_and_a_diverged_checkpoint(tmp_path):
             assert math.isfinite(s[key]['median']) and 0 <= s[key].get('converged', 0) <= 1, key
         assert s['state'] == 'full' and not s['observable']['removed']  # standard recall reads the state through W, not a LayerNorm
         assert s['path']['checked'] > 0 and math.isclose(sum(s['path'][k] for k in ('same', 'other_fixed_point', 'unsettled')), 1)
-        assert 0 <= s['accuracy']['rule'] <= 1 and 1 <= s['halting']['mean_iters'] <= s['reach_iters'] and 0 <= s['score'] <= 1
+        assert 0 <= s['accuracy']['rule'] <= 1 and 1 <= s['halting']['mean_iters'] <= s['reach_iters']
+        assert ('score' in s) == (name == 'easy') and 0 <= s.get('score', 0) <= 1          # the score: easy inputs only
         split = task.eval_set(diff, 8, 0)
         with torch.no_grad():
             assert s['accuracy']['default'] == task.score(model(split['x']), split)['exact'] and s['accuracy']['default_iters'] == s['rule_iters'] + 1
