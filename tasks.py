@@ -784,10 +784,11 @@ def puzzles_at(seed, wanted):
     return found
 
 
-def generate_puzzles(wanted, workers=None, have=None):
+def generate_puzzles(wanted, workers=None, have=None, progress=None):
     """The first wanted[(depth, side)] distinct puzzles of each stream, seeds 0, 1, 2, ... in order,
     extending the prefixes in `have`. Returns {(depth, side): [puzzle, ...]}. Worker processes take
-    whole seeds, so the result does not depend on their number."""
+    whole seeds, so the result does not depend on their number. progress(streams), if given, sees
+    the streams after each chunk of seeds (each a prefix of its stream, so it can be saved)."""
     streams = {k: list((have or {}).get(k, []))[:n] for k, n in wanted.items()}
     keys = {k: {p['key'] for p in ps} for k, ps in streams.items()}
     done_to = {k: ps[-1]['seed'] if ps else -1 for k, ps in streams.items()}   # a prefix covers seeds up to here
@@ -803,6 +804,8 @@ def generate_puzzles(wanted, workers=None, have=None):
                         streams[k].append(p)
                         keys[k].add(p['key'])
             seed += len(jobs)
+            if progress:
+                progress(streams)
     finally:
         if pool:
             pool.terminate()
@@ -835,14 +838,19 @@ def read_puzzle_file(path=PUZZLE_FILE):
 
 def write_puzzle_file(sizes, path=PUZZLE_FILE, workers=None):
     """(Re)write the shipped file with the first sizes[(depth, side)] puzzles of each stream,
-    extending what the file already holds."""
-    t0 = time.time()
-    streams = generate_puzzles(sizes, workers, read_puzzle_file(path))
-    body = ''.join(f"{d};{side};{p['seed']};{p['kind']};{p['fen']};{p['move']}\n"
-                   for (d, side), puzzles in sorted(streams.items()) for p in puzzles)
-    with open(f'{path}.tmp', 'w') as f:
-        f.write(PUZZLE_HEADER + hashlib.sha256(body.encode()).hexdigest() + '\n' + body)
-    os.replace(f'{path}.tmp', path)
+    extending what the file already holds; saved about every minute, so a stopped run can be resumed."""
+    t0, saved = time.time(), [time.time()]
+
+    def save(streams):  # atomically: a run stopped at any point keeps what it had found by its last save
+        body = ''.join(f"{d};{side};{p['seed']};{p['kind']};{p['fen']};{p['move']}\n"
+                       for (d, side), puzzles in sorted(streams.items()) for p in puzzles)
+        with open(f'{path}.tmp', 'w') as f:
+            f.write(PUZZLE_HEADER + hashlib.sha256(body.encode()).hexdigest() + '\n' + body)
+        os.replace(f'{path}.tmp', path)
+        saved[0] = time.time()
+    streams = generate_puzzles(sizes, workers, read_puzzle_file(path),
+                               progress=lambda streams: time.time() - saved[0] > 60 and save(streams))
+    save(streams)
     for (depth, side), puzzles in sorted(streams.items()):
         playouts = sum(p['kind'] == 'playout' for p in puzzles)
         print(f"mate in {depth} {side:5}: {len(puzzles):5d} puzzles, {playouts:5d} from playouts, "
@@ -928,7 +936,7 @@ class Chess:
     headline = 'move'
     train_defaults = dict(batch_size=32, lr=2e-3, warmup_steps=100, max_steps=2500, alpha=0.0, tbptt=8, overrun=True)   # ~25 min, one CPU thread
     loss = staticmethod(choice_loss)
-    train_pool = 1625             # training puzzles per mate depth (each also seen a<->h mirrored)
+    train_pool = 4000             # training puzzles per mate depth (each also seen a<->h mirrored)
     test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
 
     def __init__(self):

@@ -1276,6 +1276,13 @@ def test_chess_train_and_test_share_no_game():
         assert len({side for _, side in tasks.puzzles_at(seed, both)}) <= 1
 
 
+def test_chess_generation_progress_sees_prefixes_of_the_streams():
+    """What write_puzzle_file saves while it runs (so a stopped run keeps its puzzles) is a prefix of each stream."""
+    seen = []
+    out = tasks.generate_puzzles({(1, 'train'): 6}, workers=1, progress=lambda s: seen.append(list(s[(1, 'train')])))
+    assert len(seen) > 1 and seen[-1] == out[(1, 'train')] and all(s == out[(1, 'train')][:len(s)] for s in seen)
+
+
 def test_chess_puzzle_file_round_trip_and_edits_are_refused(tmp_path, capsys):
     path = str(tmp_path / 'puzzles.txt')
     tasks.write_puzzle_file({(1, 'train'): 3, (1, 'test'): 1}, path=path, workers=1)
