@@ -934,7 +934,7 @@ class Chess:
     eval_difficulties = ('1', '2', '3')
     eval_mults = (0.5, 1, 2, 4)
     headline = 'move'
-    train_defaults = dict(batch_size=32, lr=2e-3, warmup_steps=100, max_steps=2500, alpha=0.0, tbptt=8, overrun=True)   # ~25 min, one CPU thread
+    train_defaults = dict(batch_size=32, lr=4e-3, warmup_steps=100, max_steps=2500, alpha=0.0, tbptt=8, overrun=True)   # ~25 min, one CPU thread
     loss = staticmethod(choice_loss)
     train_pool = 4000             # training puzzles per mate depth (each also seen a<->h mirrored)
     test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
