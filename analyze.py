@@ -407,10 +407,6 @@ def frac(mask):
     return mask.float().mean().item()
 
 
-def head(split, n):  # the first n examples of a split (tensors and lists alike)
-    return {k: v[:n] for k, v in split.items()}
-
-
 def pick(split, rows):  # the examples `rows` (a list of indices) of a split, tensors and lists alike
     return {k: v[list(rows)] if torch.is_tensor(v) else [v[i] for i in rows] for k, v in split.items()}
 
@@ -499,7 +495,7 @@ def analyze_split(model, m64, task, diff, split, cfg, for_score=False):
                            final=curve[cap], overthinking=None if curve[cap] is None else curve[cap] < peak - cfg.overthink,
                            default=default, default_iters=used.float().mean().item())
     with torch.no_grad():
-        halt_acc = task.score(model.readout(h_halt).float().cpu(), head(split, len(x)))[task.headline]
+        halt_acc = task.score(model.readout(h_halt).float().cpu(), pick(split, range(len(x))))[task.headline]
     out['halting'] = dict(accuracy=None if out['diverged'] else halt_acc, mean_iters=t_halt.float().mean().item(),
                           halted=frac(t_halt < len(res)))
     if for_score:

@@ -839,7 +839,7 @@ def read_puzzle_file(path=PUZZLE_FILE):
 def write_puzzle_file(sizes, path=PUZZLE_FILE, workers=None):
     """(Re)write the shipped file with the first sizes[(depth, side)] puzzles of each stream,
     extending what the file already holds; saved about every minute, so a stopped run can be resumed."""
-    t0, saved = time.time(), [time.time()]
+    t0 = last_save = time.time()
 
     def save(streams):  # atomically: a run stopped at any point keeps what it had found by its last save
         body = ''.join(f"{d};{side};{p['seed']};{p['kind']};{p['fen']};{p['move']}\n"
@@ -847,9 +847,13 @@ def write_puzzle_file(sizes, path=PUZZLE_FILE, workers=None):
         with open(f'{path}.tmp', 'w') as f:
             f.write(PUZZLE_HEADER + hashlib.sha256(body.encode()).hexdigest() + '\n' + body)
         os.replace(f'{path}.tmp', path)
-        saved[0] = time.time()
-    streams = generate_puzzles(sizes, workers, read_puzzle_file(path),
-                               progress=lambda streams: time.time() - saved[0] > 60 and save(streams))
+
+    def save_every_minute(streams):
+        nonlocal last_save
+        if time.time() - last_save > 60:
+            save(streams)
+            last_save = time.time()
+    streams = generate_puzzles(sizes, workers, read_puzzle_file(path), progress=save_every_minute)
     save(streams)
     for (depth, side), puzzles in sorted(streams.items()):
         playouts = sum(p['kind'] == 'playout' for p in puzzles)
