@@ -188,6 +188,19 @@ def test_chess_graph_is_lines_and_knight_jumps():
     assert torch.equal(allowed, allowed.T)
 
 
+def test_chess_local_graph_is_king_steps_and_knight_jumps():
+    """chess_local: a square sees what a king or a knight on it would attack, and itself (checked on
+    a corner, an edge and a centre square against python-chess's own attack sets)."""
+    allowed = LoopedTransformer(tiny_config(vocab_size=13, n_classes=3, block_size=64, causal=False, graph='chess_local')).block.attn.mask(64, 'cpu')
+    for sq in (chess.A1, chess.H5, chess.E4):
+        board = chess.BaseBoard(None)
+        board.set_piece_at(sq, chess.Piece(chess.KING, chess.WHITE))
+        king = set(board.attacks(sq))
+        board.set_piece_at(sq, chess.Piece(chess.KNIGHT, chess.WHITE))
+        assert {j for j in range(64) if allowed[sq, j]} == king | set(board.attacks(sq)) | {sq}
+    assert torch.equal(allowed, allowed.T)
+
+
 def test_board_bias_depends_only_on_the_board_offset():
     """board_bias: one learned number per head and (row, column) offset, added to the attention
     scores of every square pair at that offset and nowhere else; off the graph stays -inf."""
@@ -198,8 +211,8 @@ def test_board_bias_depends_only_on_the_board_offset():
     with torch.no_grad():
         attn.board_bias[1, offsets[chess.E4, chess.F6]] = 5.0
     allowed = attn.mask(64, 'cpu')
-    mask = attn.biased(allowed)
-    assert mask.shape == (attn.n_head, 64, 64)
+    mask = attn.biased(allowed)[0]
+    assert attn.biased(allowed).shape == (1, attn.n_head, 64, 64)
     assert torch.isneginf(mask[:, ~allowed]).all()
     five = (mask[1] == 5.0)
     assert five.sum() == 6 * 7 and five[chess.A1, chess.B3] and five[chess.G6, chess.H8]   # every (+2, +1) pair on the board
