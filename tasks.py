@@ -938,9 +938,9 @@ class Chess:
     eval_difficulties = ('1', '2', '3')
     eval_mults = (0.5, 1, 2, 4)
     headline = 'move'
-    train_defaults = dict(batch_size=32, lr=4e-3, warmup_steps=100, max_steps=2500, alpha=0.0, tbptt=8, overrun=True)   # ~25 min, one CPU thread
+    train_defaults = dict(batch_size=32, lr=3e-3, warmup_steps=300, max_steps=6000, alpha=0.0, tbptt=8, overrun=True)   # ~22 min on 2 CPU threads
     loss = staticmethod(choice_loss)
-    train_pool = 4000             # training puzzles per mate depth (each also seen a<->h mirrored)
+    train_pool = 8000             # training puzzles per mate depth (each also seen a<->h mirrored)
     test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
 
     def __init__(self):
@@ -949,7 +949,7 @@ class Chess:
 
     def model_defaults(self, diff):
         return dict(vocab_size=13, n_classes=64, pair_head=True, block_size=64, pos='learned', causal=False,
-                    scale_iters=False, graph='chess', board_bias=True, recall='internal', d_model=64, n_head=4, n_iters=16)
+                    scale_iters=False, graph='chess_local', board_bias=True, recall='internal', d_model=64, n_head=4, n_iters=16)
 
     def parse_difficulty(self, s):
         m = re.fullmatch(r'(\d)(?:-(\d))?', str(s))
