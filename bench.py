@@ -130,6 +130,9 @@ STEP_CONFIGS = {  # name: (LoopedConfig fields, batch size)
     # the same model on 512-bit strings, as when testing length generalization (banded attention)
     'long': (dict(vocab_size=2, n_classes=2, block_size=512, d_model=64, n_head=4, n_iters=8, causal=True, window=2), 16),
     'large': (dict(vocab_size=2, n_classes=2, block_size=128, d_model=256, n_head=8, n_iters=8, causal=True), 16),
+    # the chess block: local board graph with a learned bias per board offset (the baseline attends everywhere)
+    'chess': (dict(vocab_size=13, n_classes=3, block_size=64, pos='learned', causal=False, graph='chess_local',
+                   board_bias=True, d_model=64, n_head=4, n_iters=16), 32),
 }
 
 
@@ -180,7 +183,7 @@ class BenchConfig:
     device: str = 'auto'                # step: auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = 'float32'              # step: autocast dtype, float32 | bfloat16
     compile: bool = False               # step: torch.compile the loop body of both models
-    configs: str = 'readme,long,large'  # step: comma list of readme, long, large
+    configs: str = 'readme,long,large'  # step: comma list of readme, long, large, chess
     window: int = 0                     # step: attention window for both models (0 = full)
     rounds: int = 5                     # step: alternating rounds
     repeats: int = 5                    # step: timed steps per round (after 2 warm-up steps)
