@@ -91,7 +91,7 @@ class LoopedConfig:
     pos: str = 'rope'            # rope: rotary (any length) | learned: absolute, up to block_size | none
     causal: bool = False         # causal attention mask
     window: int = 0              # attend only to positions less than `window` away (0: all)
-    graph: str = 'all'           # who may attend to whom: all | sudoku (row/column/box peers) | chess (lines, knight jumps)
+    graph: str = 'all'           # who may attend to whom: all | sudoku (row/column/box peers) | chess | chess_local (see graph_mask)
     board_bias: bool = False     # a learned attention bias per head for each (row, column) offset on the graph's board
     bos: bool = False            # prepend a start token (id vocab_size) inside the model; its output is dropped
     bias: bool = False           # biases in Linear layers
@@ -117,7 +117,7 @@ class LoopedConfig:
         if self.recall == 'none' and self.init_state != 'embed':  # h_0 is then the only way in, and it ignores x
             raise ValueError(f"recall 'none' with init_state {self.init_state!r} never reads the input; use init_state 'embed' or a recall")
         if self.board_bias and not GRAPHS[self.graph]:
-            raise ValueError("board_bias needs a board: use it with graph 'sudoku' or 'chess'")
+            raise ValueError(f"board_bias needs a board: use it with graph {' or '.join(repr(g) for g, n in GRAPHS.items() if n)}")
         if GRAPHS[self.graph] and self.pos == 'learned' and self.block_size != GRAPHS[self.graph]:
             raise ValueError(f"graph {self.graph!r} is drawn for {GRAPHS[self.graph]} tokens, but block_size is {self.block_size}")
         return self
@@ -171,9 +171,10 @@ def graph_mask(graph, T, device=None):
         box = r // 3 * 3 + c // 3
         return (r[:, None] == r) | (c[:, None] == c) | (box[:, None] == box)
     dr, df = ((i // 8)[:, None] - i // 8).abs(), ((i % 8)[:, None] - i % 8).abs()    # rank and file distances
+    knight = dr * df == 2
     if graph == 'chess_local':
-        return ((dr <= 1) & (df <= 1)) | (dr * df == 2)
-    return (dr == 0) | (df == 0) | (dr == df) | (dr * df == 2)
+        return ((dr <= 1) & (df <= 1)) | knight
+    return (dr == 0) | (df == 0) | (dr == df) | knight
 
 
 def board_offsets(graph):
@@ -238,7 +239,7 @@ class SelfAttention(nn.Module):
 
     def biased(self, allowed):
         """(1, H, T, T) additive scores: each head's learned bias for the pair's board offset, -inf where not allowed
-        (4-d, which lets sdpa take its fused CPU kernel where no gradient is needed: 3x faster than the 3-d mask)."""
+        (4-d: the mask shape sdpa's fused CPU kernel takes where no gradient is needed)."""
         bias = F.pad(self.board_bias[:, self.offsets], (int(self.bos), 0, int(self.bos), 0))   # a start token: bias 0
         return bias.masked_fill(~allowed, float('-inf'))[None]
 

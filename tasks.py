@@ -938,7 +938,7 @@ class Chess:
     eval_difficulties = ('1', '2', '3')
     eval_mults = (0.5, 1, 2, 4)
     headline = 'move'
-    train_defaults = dict(batch_size=32, lr=3e-3, warmup_steps=300, max_steps=6000, alpha=0.0, tbptt=8, overrun=True)   # ~22 min on 2 CPU threads
+    train_defaults = dict(batch_size=32, lr=3e-3, warmup_steps=300, max_steps=6000, alpha=0.0, tbptt=8, overrun=True)   # ~19 min on 2 CPU threads
     loss = staticmethod(choice_loss)
     train_pool = 8000             # training puzzles per mate depth (each also seen a<->h mirrored)
     test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)

@@ -211,8 +211,9 @@ def test_board_bias_depends_only_on_the_board_offset():
     with torch.no_grad():
         attn.board_bias[1, offsets[chess.E4, chess.F6]] = 5.0
     allowed = attn.mask(64, 'cpu')
-    mask = attn.biased(allowed)[0]
-    assert attn.biased(allowed).shape == (1, attn.n_head, 64, 64)
+    biased = attn.biased(allowed)
+    assert biased.shape == (1, attn.n_head, 64, 64)
+    mask = biased[0]
     assert torch.isneginf(mask[:, ~allowed]).all()
     five = (mask[1] == 5.0)
     assert five.sum() == 6 * 7 and five[chess.A1, chess.B3] and five[chess.G6, chess.H8]   # every (+2, +1) pair on the board
