@@ -9,131 +9,143 @@ A looped (weight-tied) transformer, after "Stability and Generalization in Loope
               or q_i . k_j / sqrt(d), (q, k) = head(LN(h_t))   with pair_head   (B, T, T)
 
 Recall (how the input re-enters the loop):
-    none      B(h, e) = Block(h)                     input only in h_0: the map h -> F(h) is the same
-                                                     for every input (the paper's negative result)
-    standard  B(h, e) = Block(W [h ; e])             inject at the block's entrance (Bansal et al. 2022)
-    internal  B(h, e) = Block(h) with its MLP        inject inside the block, between attention and MLP:
-                        reading [LN(h) ; e]          attention sees the state, the MLP state and input
+    none           B(h, e) = Block(h)               input only in h_0: the map h -> F(h) is the same for
+                                                    every input (the paper's negative result)
+    standard       B(h, e) = Block(W [h ; e])       inject at the block's entrance (Bansal et al. 2022)
+    internal       the MLP reads [LN(h) ; e]        inject inside the block, between attention and MLP
+    internal_both  each branch reads LN(W [h ; e])  inject into both branches; with N_out the state is
+                                                    normalized after each of the two updates (Def. 5.2 of
+                                                    the paper's v2, as a public implementation reads it)
 Outer normalization N_out is a LayerNorm of the loop state after every iteration, outside the
 block's residual stream; recall + outer normalization is the paper's stable regime.
 """
 
 import math
 import numbers
-import re
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-RECALLS = ('none', 'standard', 'internal')
+RECALLS = ('none', 'standard', 'internal', 'internal_both')
 INNER_NORMS = ('pre', 'post', 'none')
 INIT_STATES = ('embed', 'zeros', 'noise')
 POSITIONS = ('rope', 'learned', 'none')
-GRAPHS = {'all': None, 'sudoku': 81, 'chess': 64, 'chess_local': 64}   # attention graph -> the token count it is drawn for
-MAX_ITERS = 100_000      # loop iterations in one call: more is a typo, not a plan (hours of silence)
-TYPE_WORDS = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
+GRAPHS = {'all': None, 'sudoku': 81, 'chess': 64, 'chess_local': 64}   # attention graph -> its token count
+ITER_LIMIT = 100_000      # the most loop iterations one call may run
 
 
-def check_fields(cfg):
-    """Check every field of a config dataclass: it has its default's type, floats are finite, and it
-    lies in cfg.BOUNDS[name], an interval like '[0, 1)' or '(0, inf)' ('2**k' allowed). Raises
-    ValueError with a one-line message saying what is allowed. Shared by every script's config."""
-    num = lambda s: 2 ** int(s[3:]) if s.startswith('2**') else int(s) if re.fullmatch(r'-?\d+', s) else float(s)
+# ----------------------------------------------------------------------------- checks shared by every config
+
+def check_types(cfg):
+    """Every field of a config dataclass has its default's type (an int passes for a float); floats are finite."""
+    words = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string'}
     for f in fields(cfg):
         value, kind = getattr(cfg, f.name), type(f.default)
-        if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-                or kind is float and type(value) is int):
-            raise ValueError(f"{f.name} must be {TYPE_WORDS[kind]}, got {value!r}")
+        ok = type(value) is kind or (kind is float and type(value) is int)
+        if not ok:
+            raise ValueError(f"{f.name} must be {words[kind]}, got {value!r}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{f.name} must be a finite number, got {value}")
-        if f.name not in cfg.BOUNDS:
-            continue
-        left, lo, hi, right = re.fullmatch(r'([\[(])(.+), (.+)([\])])', cfg.BOUNDS[f.name]).groups()
-        lo, hi = num(lo), num(hi)
-        if value < lo or value > hi or (left == '(' and value == lo) or (right == ')' and value == hi):
-            allowed = f"{'>' if left == '(' else '>='} {lo}" if hi == math.inf else f"in {cfg.BOUNDS[f.name].replace('**', '^')}"
-            raise ValueError(f"{f.name} must be {allowed}, got {value}")
 
 
-def pick_device(name):
-    """torch.device for auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps, or a ValueError
-    saying why it cannot be used here."""
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if not re.fullmatch(r'cpu|mps|cuda(:\d+)?', name):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f"device {name} asked for, but no CUDA device is available")
-    if name.startswith('cuda:') and int(name[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"device {name} asked for, but there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
-    if name == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError("device mps asked for, but MPS is not available")
-    return torch.device(name)
+def check_range(cfg, name, lo, hi=math.inf, open_lo=False, open_hi=False):
+    """cfg.name lies in the interval from lo to hi (closed unless open_lo / open_hi), else a one-line ValueError."""
+    value = getattr(cfg, name)
+    if value < lo or value > hi or (open_lo and value == lo) or (open_hi and value == hi):
+        where = (f"{'>' if open_lo else '>='} {lo}" if hi == math.inf else
+                 f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}")
+        raise ValueError(f"{name} must be {where}, got {value}")
+
+
+def check_iters(n):
+    """n loop iterations can be asked for: an integer in [0, ITER_LIMIT], else a one-line ValueError."""
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 0 <= n <= ITER_LIMIT:
+        raise ValueError(f"n_iters must be None (the default rule) or an integer in [0, {ITER_LIMIT}], got {n!r}")
+
+
+def check_choice(cfg, name, allowed):
+    if getattr(cfg, name) not in allowed:
+        raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; choose one of {', '.join(allowed)}")
 
 
 @dataclass
 class LoopedConfig:
     vocab_size: int = 2          # input token ids are 0..vocab_size-1
     n_classes: int = 2           # output classes per token (unused with pair_head)
-    pair_head: bool = False      # score token pairs instead: logits[i, j] = q_i . k_j / sqrt(d), (B, T, T) (chess: from i to j)
+    pair_head: bool = False      # score token pairs instead: logits[i, j] = q_i . k_j / sqrt(d), (B, T, T)
     block_size: int = 32         # training length; 'learned' positions cap inputs at this length
     d_model: int = 64            # width of the loop state
     n_head: int = 4              # attention heads
     mlp_ratio: int = 4           # MLP hidden width = mlp_ratio * d_model
     n_iters: int = 16            # loop iterations, training and test (with scale_iters: per block_size tokens)
     scale_iters: bool = False    # iterations proportional to length: ceil(n_iters * T / block_size)
-    recall: str = 'standard'     # none | standard | internal
+    recall: str = 'standard'     # none | standard | internal | internal_both
     inner_norm: str = 'pre'      # pre: x + f(LN(x)) | post: LN(x + f(x)) | none: x + f(x)
     outer_norm: bool = True      # LayerNorm of the state after every iteration
     init_state: str = 'embed'    # h_0: embed (h_0 = e) | zeros | noise (unit Gaussian)
     pos: str = 'rope'            # rope: rotary (any length) | learned: absolute, up to block_size | none
     causal: bool = False         # causal attention mask
     window: int = 0              # attend only to positions less than `window` away (0: all)
-    graph: str = 'all'           # who may attend to whom: all | sudoku (row/column/box peers) | chess | chess_local (see graph_mask)
-    board_bias: bool = False     # a learned attention bias per head for each (row, column) offset on the graph's board
+    graph: str = 'all'           # who attends to whom: all | sudoku | chess | chess_local (see graph_mask)
+    board_bias: bool = False     # a learned attention bias per head for each (row, column) offset on the board
     bos: bool = False            # prepend a start token (id vocab_size) inside the model; its output is dropped
     bias: bool = False           # biases in Linear layers
-    halt_tol: float = 0.0        # default rule: > 0 = after n_iters, go on per example until ||h_t+1 - h_t|| / ||h_t|| < halt_tol
+    halt_tol: float = 0.0        # > 0: after n_iters, each example goes on until its residual is below this
     max_iters: int = 0           # cap of the halting rule (0: 8 x n_iters)
 
-    BOUNDS = dict(vocab_size='[2, 2**20]', n_classes='[2, 2**20]', block_size='[1, 2**20]', d_model='[1, 8192]',
-                  n_head='[1, 8192]', mlp_ratio='[1, 64]', n_iters=f'[1, {MAX_ITERS}]', window='[0, inf)',
-                  halt_tol='[0, inf)', max_iters=f'[0, {MAX_ITERS}]')   # allowed values (check_fields)
-
     def validate(self):
-        """Raise ValueError with a one-line message if the configuration is impossible."""
-        check_fields(self)
-        for name, value, allowed in (('recall', self.recall, RECALLS), ('inner_norm', self.inner_norm, INNER_NORMS),
-                                     ('init_state', self.init_state, INIT_STATES), ('pos', self.pos, POSITIONS),
-                                     ('graph', self.graph, tuple(GRAPHS))):
-            if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        """Raise ValueError with a one-line message if the configuration is impossible; returns self."""
+        check_types(self)
+        for name, allowed in (('recall', RECALLS), ('inner_norm', INNER_NORMS), ('init_state', INIT_STATES),
+                              ('pos', POSITIONS), ('graph', tuple(GRAPHS))):
+            check_choice(self, name, allowed)
+        for name, lo, hi in (('vocab_size', 2, 2**20), ('n_classes', 2, 2**20), ('block_size', 1, 2**20),
+                             ('d_model', 1, 8192), ('n_head', 1, 8192), ('mlp_ratio', 1, 64), ('n_iters', 1, ITER_LIMIT),
+                             ('window', 0, math.inf), ('halt_tol', 0, math.inf), ('max_iters', 0, ITER_LIMIT)):
+            check_range(self, name, lo, hi)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.pos == 'rope' and (self.d_model // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, got d_model/n_head={self.d_model // self.n_head}")
-        if self.recall == 'none' and self.init_state != 'embed':  # h_0 is then the only way in, and it ignores x
-            raise ValueError(f"recall 'none' with init_state {self.init_state!r} never reads the input; use init_state 'embed' or a recall")
+        if self.recall == 'none' and self.init_state != 'embed':
+            raise ValueError(f"recall 'none' with init_state {self.init_state!r} never reads the input; "
+                             f"use init_state 'embed' or a recall")
+        boards = ' or '.join(repr(g) for g, n in GRAPHS.items() if n)
         if self.board_bias and not GRAPHS[self.graph]:
-            raise ValueError(f"board_bias needs a board: use it with graph {' or '.join(repr(g) for g, n in GRAPHS.items() if n)}")
+            raise ValueError(f"board_bias needs a board: use it with graph {boards}")
         if GRAPHS[self.graph] and self.pos == 'learned' and self.block_size != GRAPHS[self.graph]:
-            raise ValueError(f"graph {self.graph!r} is drawn for {GRAPHS[self.graph]} tokens, but block_size is {self.block_size}")
+            raise ValueError(f"graph {self.graph!r} is drawn for {GRAPHS[self.graph]} tokens, "
+                             f"but block_size is {self.block_size}")
         return self
 
-    def default_iters(self, T):  # the model's rule for length T (LoopedTransformer.default_iters), before any model is built
+    def check_input(self, T):
+        """Raise ValueError if an input of T tokens cannot be fed (learned positions, the attention graph)."""
+        if self.pos == 'learned' and T > self.block_size:
+            raise ValueError(f"input length {T} exceeds block_size {self.block_size} of learned positions")
+        if GRAPHS[self.graph] not in (None, T):
+            raise ValueError(f"attention graph {self.graph!r} is drawn for {GRAPHS[self.graph]} tokens, "
+                             f"got an input of {T}")
+
+    def default_iters(self, T):
+        """The iterations of the default rule for an input of T tokens (before any halting)."""
         return math.ceil(self.n_iters * T / self.block_size) if self.scale_iters else self.n_iters
 
+    def cap_iters(self, T):
+        """The cap of the halting rule: max_iters, or 8 x default_iters(T)."""
+        return self.max_iters or 8 * self.default_iters(T)
+
+
+# ----------------------------------------------------------------------------- attention
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021): rotates q, k by angles proportional to position,
-    so attention scores depend on relative offsets only and any length can be fed."""
+    """Rotary position embedding (Su et al. 2021): rotates q, k by angles proportional to position."""
 
     def __init__(self, head_dim, base=10000.0):
         super().__init__()
         self.register_buffer('inv_freq', base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
-        self.cache = None  # (T, device, dtype, cos, sin): the loop calls us with the same T every iteration
+        self.cache = None  # (T, device, dtype, cos, sin)
 
     def forward(self, x):  # x: (..., T, hd)
         T = x.size(-2)
@@ -154,17 +166,10 @@ def window_mask(T, window, causal, device=None):
 
 
 def graph_mask(graph, T, device=None):
-    """Boolean (T, T), True where token i may attend to token j under the task's structure, the
-    attention analogue of a convolution's kernel shape: one iteration is a local rule, and repeating
-    it carries information as far as the input needs.
-      sudoku: cell i = 9 r + c attends to its 20 peers (same row, column or 3x3 box) and itself;
-      chess:  square i = 8 rank + file attends to the squares on its rank, file and diagonals
-              (the lines along which pieces move and attack) and a knight's jump away;
-      chess_local: only its 8 neighbours, itself and a knight's jump away, like the 3x3 kernels of
-              a convolutional chess solver: a slider's attack crosses the board one square per
-              iteration and stops at the first piece in its way."""
-    if GRAPHS[graph] != T:
-        raise ValueError(f"attention graph {graph!r} is drawn for {GRAPHS[graph]} tokens, got an input of {T}")
+    """Boolean (T, T), True where token i may attend to token j under the task's structure:
+      sudoku:      cell i = 9 r + c attends to its 20 peers (same row, column or 3x3 box) and itself;
+      chess:       square i = 8 rank + file attends to its rank, file, diagonals and knight jumps;
+      chess_local: its 8 neighbours, itself and its knight jumps (a 3x3 kernel plus the knight)."""
     i = torch.arange(T, device=device)
     if graph == 'sudoku':
         r, c = i // 9, i % 9
@@ -178,17 +183,16 @@ def graph_mask(graph, T, device=None):
 
 
 def board_offsets(graph):
-    """(T, T) long: the index of the (row, column) offset from square i to square j on the graph's board,
-    (dr + side - 1) * (2 side - 1) + (dc + side - 1), into a table of (2 side - 1)^2 offsets."""
+    """(T, T) long: the index (dr + side - 1) * (2 side - 1) + (dc + side - 1) of the (row, column) offset from
+    square i to square j, into a table of (2 side - 1)^2 offsets."""
     side = math.isqrt(GRAPHS[graph])
     r, c = torch.arange(side * side) // side, torch.arange(side * side) % side
     return (r[None, :] - r[:, None] + side - 1) * (2 * side - 1) + (c[None, :] - c[:, None] + side - 1)
 
 
 def local_attention(q, k, v, window, causal):
-    """softmax(q k^T / sqrt(hd)) v restricted to |i - j| < window (and j <= i if causal), computed
-    from each query's few neighbours in O(T * window) instead of the O(T^2) of a masked dense
-    product. q, k, v: (B, H, T, hd). Equals sdpa with window_mask (tested)."""
+    """softmax(q k^T / sqrt(hd)) v restricted to |i - j| < window (and j <= i if causal), from each query's
+    few neighbours in O(T window). q, k, v: (B, H, T, hd) -> (B, H, T, hd); equals sdpa with window_mask."""
     T, pad = q.size(2), window - 1
     offsets = torch.arange(0 if causal else -pad, window, device=q.device)     # i - j, (W,)
     kp, vp = (F.pad(t, (0, 0, pad, pad)) for t in (k, v))                       # (B, H, T + 2 pad, hd)
@@ -204,22 +208,22 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.causal, self.window, self.graph, self.bos = cfg.n_head, cfg.causal, cfg.window, cfg.graph, cfg.bos
+        self.n_head, self.causal, self.window = cfg.n_head, cfg.causal, cfg.window
+        self.graph, self.bos = cfg.graph, cfg.bos
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.pos == 'rope' else None
         self.mask_cache = None
-        if cfg.board_bias:   # like a convolution's kernel, per head: how much a square attends to the one (dr, dc) away
+        self.board_bias = None
+        if cfg.board_bias:   # per head: how much a square attends to the one (dr, dc) away
             self.register_buffer('offsets', board_offsets(cfg.graph), persistent=False)
-            self.board_bias = nn.Parameter(torch.zeros(cfg.n_head, int(self.offsets.max()) + 1))   # (H, (2 side - 1)^2)
-        else:
-            self.board_bias = None
+            self.board_bias = nn.Parameter(torch.zeros(cfg.n_head, int(self.offsets.max()) + 1))   # (H, offsets)
 
     def forward(self, x):  # x: (B, T, d)
         B, T, d = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
         q, k, v = (*self.rotary(qkv[:2]), qkv[2]) if self.rotary is not None else qkv  # (B, H, T, hd) each
-        if self.window and self.graph == 'all' and T > 64 * self.window:  # long inputs, narrow band: gather neighbours
+        if self.window and self.graph == 'all' and T > 64 * self.window:    # long inputs, narrow band
             y = local_attention(q, k, v, self.window, self.causal)
         elif self.window or self.graph != 'all':
             if self.mask_cache is None or self.mask_cache.shape[0] != T or self.mask_cache.device != x.device:
@@ -232,17 +236,20 @@ class SelfAttention(nn.Module):
 
     def mask(self, T, device):
         """(T, T) bool: the band (window, causal) and the graph together; a start token sees and is seen by all."""
-        allowed = window_mask(T, self.window, self.causal, device) if self.window else torch.ones(T, T, dtype=torch.bool, device=device)
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device)
+        if self.window:
+            allowed = window_mask(T, self.window, self.causal, device)
         if self.graph != 'all':
             allowed[self.bos:, self.bos:] &= graph_mask(self.graph, T - self.bos, device)
         return allowed
 
     def biased(self, allowed):
-        """(1, H, T, T) additive scores: each head's learned bias for the pair's board offset, -inf where not allowed
-        (4-d: the mask shape sdpa's fused CPU kernel takes where no gradient is needed)."""
-        bias = F.pad(self.board_bias[:, self.offsets], (int(self.bos), 0, int(self.bos), 0))   # a start token: bias 0
+        """(1, H, T, T) additive scores: each head's bias for the pair's board offset, -inf where not allowed."""
+        bias = F.pad(self.board_bias[:, self.offsets], (int(self.bos), 0, int(self.bos), 0))   # a start token: 0
         return bias.masked_fill(~allowed, float('-inf'))[None]
 
+
+# ----------------------------------------------------------------------------- the block
 
 class MLP(nn.Module):
 
@@ -256,24 +263,65 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention then MLP, each with a residual connection and the chosen inner normalization.
-    With internal recall the MLP reads [state ; input embedding] (width 2d)."""
+    """Attention then MLP, each a residual branch with the chosen inner normalization. What a branch reads:
+    LN(h); with recall internal the MLP reads [LN(h) ; e] (width 2d); with internal_both each branch reads
+    LN(W [h ; e]), and with outer_norm the state is normalized between the two updates too (ln_mid)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.inner_norm, self.internal = cfg.inner_norm, cfg.recall == 'internal'
+        d, both = cfg.d_model, cfg.recall == 'internal_both'
+        self.post, self.mlp_reads_e = cfg.inner_norm == 'post', cfg.recall == 'internal'
         self.attn = SelfAttention(cfg)
-        self.mlp = MLP(cfg, 2 * cfg.d_model if self.internal else cfg.d_model)
-        norm = (lambda: nn.Identity()) if cfg.inner_norm == 'none' else (lambda: nn.LayerNorm(cfg.d_model, bias=cfg.bias))
+        self.mlp = MLP(cfg, 2 * d if self.mlp_reads_e else d)
+        norm = (lambda: nn.Identity()) if cfg.inner_norm == 'none' else (lambda: nn.LayerNorm(d, bias=cfg.bias))
         self.ln1, self.ln2 = norm(), norm()
+        self.mix1 = nn.Linear(2 * d, d, bias=cfg.bias) if both else None   # W_attn in W [h ; e]
+        self.mix2 = nn.Linear(2 * d, d, bias=cfg.bias) if both else None   # W_mlp
+        self.ln_mid = nn.LayerNorm(d, bias=cfg.bias) if both and cfg.outer_norm else nn.Identity()
 
-    def forward(self, h, e):  # h, e: (B, T, d)
-        if self.inner_norm == 'post':                                  # LN(x + f(x))
-            h = self.ln1(h + self.attn(h))
-            return self.ln2(h + self.mlp(torch.cat((h, e), -1) if self.internal else h))
-        h = h + self.attn(self.ln1(h))                                 # x + f(LN(x)); ln = identity for 'none'
-        u = self.ln2(h)
-        return h + self.mlp(torch.cat((u, e), -1) if self.internal else u)
+    def read(self, h, e, ln, mix, with_e=False):
+        """A branch's input (B, T, d or 2d): LN(h), [LN(h) ; e], or LN(W [h ; e]); no LN with post norm."""
+        ln = nn.Identity() if self.post else ln
+        if mix is not None:
+            return ln(mix(torch.cat((h, e), -1)))
+        return torch.cat((ln(h), e), -1) if with_e else ln(h)
+
+    def forward(self, h, e):  # h, e: (B, T, d) -> (B, T, d)
+        h = h + self.attn(self.read(h, e, self.ln1, self.mix1))
+        h = self.ln_mid(self.ln1(h) if self.post else h)                     # post: LN(x + f(x))
+        h = h + self.mlp(self.read(h, e, self.ln2, self.mix2, self.mlp_reads_e))
+        return self.ln2(h) if self.post else h
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def iterate(step, h, e, n_iters, halt_tol=0.0, min_iters=0, proj=None):
+    """The loop h_{t+1} = step(h_t, e), up to n_iters times; every caller runs it through here. Yields after
+    each iteration the state h (B, T, d), each example's residual ||P(h_{t+1} - h_t)|| / ||P h_t|| (B,), in
+    float64 (P = proj, else the identity), and the iterations each example has run (B,). The residual and
+    counts are updated in place: clone them to keep them. With halt_tol > 0, an example stops once it has run
+    min_iters and its residual is below halt_tol or not finite; it keeps its state while the others go on, and
+    the loop ends when all have stopped."""
+    P = proj or (lambda v: v)
+    B = h.size(0)
+    residual = torch.full((B,), math.inf, dtype=torch.float64, device=h.device)
+    used = torch.zeros(B, dtype=torch.long, device=h.device)
+    active = torch.arange(B, device=h.device)                     # the examples still iterating
+    for t in range(n_iters):
+        every = len(active) == B
+        old = h if every else h[active]
+        new = step(old, e if every else e[active])
+        with torch.no_grad():
+            moved = P(new - old).double().flatten(1).norm(dim=1)
+            residual[active] = moved / P(old).double().flatten(1).norm(dim=1)
+        h = new if every else h.index_copy(0, active, new)
+        used[active] += 1
+        yield h, residual, used
+        if halt_tol > 0 and t + 1 >= min_iters:
+            r = residual[active]
+            active = active[(r >= halt_tol) & torch.isfinite(r)]
+            if not len(active):
+                return
 
 
 class LoopedTransformer(nn.Module):
@@ -284,15 +332,16 @@ class LoopedTransformer(nn.Module):
         d = cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size + cfg.bos, d)
         self.pos_emb = nn.Embedding(cfg.block_size + cfg.bos, d) if cfg.pos == 'learned' else None
-        self.recall_proj = nn.Linear(2 * d, d, bias=cfg.bias) if cfg.recall == 'standard' else None  # W in W [h ; e]
+        self.recall_proj = nn.Linear(2 * d, d, bias=cfg.bias) if cfg.recall == 'standard' else None  # W [h ; e]
         self.block = Block(cfg)
         self.ln_out = nn.LayerNorm(d, bias=cfg.bias) if cfg.outer_norm else nn.Identity()  # N_out
         self.ln_f = nn.LayerNorm(d, bias=cfg.bias)
         self.head = nn.Linear(d, 2 * d if cfg.pair_head else cfg.n_classes, bias=cfg.bias)
         self.apply(self._init_weights)
-        if self.recall_proj is not None:   # start W [h ; e] near h: the loop first carries its state forward
-            with torch.no_grad():
-                self.recall_proj.weight[:, :d] += torch.eye(d)
+        with torch.no_grad():   # W [h ; e] starts near [I, 0]: the untrained loop carries its state forward
+            for mix in (self.recall_proj, self.block.mix1, self.block.mix2):
+                if mix is not None:
+                    mix.weight[:, :d] += torch.eye(d)
 
     @staticmethod
     def _init_weights(m):
@@ -301,17 +350,14 @@ class LoopedTransformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    # --- the pieces of the loop; analyze.py differentiates through step() ---
-
-    def embed(self, idx):  # idx: (B, T) -> e: (B, T + bos, d)
+    def embed(self, idx):  # idx: (B, T) long -> e: (B, T + bos, d)
         if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             kind = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise TypeError(f"the model takes a LongTensor (B, T) of token ids, got {kind}")
         if idx.dim() != 2:
             raise ValueError(f"the model takes token ids of shape (B, T), got shape {tuple(idx.shape)}")
         idx, T = idx.long(), idx.size(1)
-        if self.pos_emb is not None and T > self.cfg.block_size:
-            raise ValueError(f"input length {T} exceeds block_size {self.cfg.block_size} of learned positions")
+        self.cfg.check_input(T)
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
         if self.cfg.bos:  # the start token: a left boundary, and an attention sink
@@ -332,7 +378,7 @@ class LoopedTransformer(nn.Module):
 
     def step(self, h, e):
         """One iteration h_{t+1} = F(h_t, e) = N_out(B(h_t, e)). Shapes (B, T, d)."""
-        if self.cfg.recall == 'standard':
+        if self.recall_proj is not None:
             h = self.recall_proj(torch.cat((h, e), -1))              # W [h ; e]
         return self.ln_out(self.block(h, e))
 
@@ -344,76 +390,54 @@ class LoopedTransformer(nn.Module):
         return q @ k.transpose(1, 2) * q.size(-1) ** -0.5             # (B, T, T)
 
     def default_iters(self, T):
-        """The fixed part of the iteration rule (never looks at labels; training and test alike):
-        n_iters, or with cfg.scale_iters a fixed number per token, ceil(n_iters * T / block_size),
-        shorter and longer inputs alike. With cfg.halt_tol the rule goes on from here (see run)."""
         return self.cfg.default_iters(T)
 
-    def max_iters(self, T):
-        """The cap of the halting rule: cfg.max_iters, or 8 x default_iters(T)."""
-        return self.cfg.max_iters or 8 * self.default_iters(T)
-
     def forward(self, idx, n_iters=None):
-        """idx: LongTensor (B, T). Runs exactly n_iters iterations, or the default rule if None,
-        and returns logits (B, T, n_classes)."""
+        """idx: LongTensor (B, T) -> logits (B, T, n_classes) after n_iters iterations, or the default rule."""
         return self.run(idx, n_iters)[0]
 
     def run(self, idx, n_iters=None):
-        """Returns logits (B, T, n_classes) and the iterations each example ran (B,). The default rule
-        (n_iters None): default_iters(T) iterations; with cfg.halt_tol > 0 each example then goes on
-        until its state stops moving, ||h_{t+1} - h_t|| / ||h_t|| < halt_tol, or max_iters(T) is
-        reached. Inputs whose size says nothing of their difficulty (sudoku) get the iterations
-        they need this way; labels are never read."""
-        if n_iters is not None and (not isinstance(n_iters, numbers.Integral) or isinstance(n_iters, bool) or not 0 <= n_iters <= MAX_ITERS):
-            raise ValueError(f"n_iters must be None (the default rule) or an integer in [0, {MAX_ITERS}], got {n_iters!r}")
+        """Logits (B, T, n_classes) and the iterations each example ran (B,). n_iters=None is the default rule:
+        default_iters(T) iterations, then with cfg.halt_tol > 0 each example goes on until its residual
+        ||h_{t+1} - h_t|| / ||h_t|| is below halt_tol, at most cfg.cap_iters(T) in all. Labels are never read."""
+        if n_iters is not None:
+            check_iters(n_iters)
         e = self.embed(idx)
-        h = self.initial_state(e)
-        fixed = self.default_iters(idx.size(1)) if n_iters is None else n_iters
-        for _ in range(fixed):
-            h = self.step(h, e)
-        used = torch.full((idx.size(0),), fixed, dtype=torch.long, device=idx.device)
-        if n_iters is None and self.cfg.halt_tol > 0:
-            active = torch.arange(idx.size(0), device=idx.device)          # examples still moving
-            for _ in range(fixed, self.max_iters(idx.size(1))):
-                if not len(active):
-                    break
-                old = h[active]
-                new = self.step(old, e[active])
-                h = h.index_copy(0, active, new)
-                used[active] += 1
-                moved = (new - old).flatten(1).norm(dim=1) / old.flatten(1).norm(dim=1)    # relative residual (n_active,)
-                active = active[moved >= self.cfg.halt_tol]
-        return self.readout(h), used
+        h, used = self.initial_state(e), torch.zeros(idx.size(0), dtype=torch.long, device=e.device)
+        T, halting = idx.size(1), n_iters is None and self.cfg.halt_tol > 0
+        n = self.default_iters(T) if n_iters is None else n_iters
+        for h, _, used in iterate(self.step, h, e, self.cfg.cap_iters(T) if halting else n,
+                                  self.cfg.halt_tol if halting else 0.0, min_iters=n):
+            pass
+        return self.readout(h), used.clone()
 
     def flops_per_iter(self, T):
-        """Forward FLOPs of one iteration for one sequence of length T (2 * multiply-adds)."""
+        """Forward FLOPs of one iteration for one sequence of length T (2 x multiply-adds)."""
         cfg, d = self.cfg, self.cfg.d_model
-        matmul = 3 * d * d + d * d + 2 * (2 if cfg.recall == 'internal' else 1) * d * cfg.mlp_ratio * d
-        matmul += 2 * d * d if cfg.recall == 'standard' else 0
+        mixes = {'standard': 1, 'internal_both': 2}.get(cfg.recall, 0)          # 2d -> d maps of [h ; e]
+        matmul = 4 * d * d + 2 * mixes * d * d + (3 if cfg.recall == 'internal' else 2) * d * cfg.mlp_ratio * d
         T = T + cfg.bos
-        keys = min(T, cfg.window) if cfg.window else T
-        attn = 2 * keys * d  # scores + weighted sum, per query
+        attn = 2 * (min(T, cfg.window) if cfg.window else T) * d                # scores + weighted sum, per query
         return 2 * T * (matmul + attn)
-
-    # --- checkpoints ---
 
     @classmethod
     def from_checkpoint(cls, path, map_location='cpu'):
-        """Load a checkpoint written by train.py; CPU, eval mode. Raises CheckpointError with a
-        one-line message for a missing, corrupt or incompatible file."""
+        """Load a checkpoint written by train.py; CPU, eval mode. A one-line CheckpointError for a missing,
+        corrupt or incompatible file."""
         ckpt = load_checkpoint(path, map_location)
         model = cls(config_from_dict(ckpt['config']['model'], path))
         load_weights(model, ckpt['model'], path)
         return model.eval()
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
 class CheckpointError(Exception):
     """A checkpoint is missing, unreadable, or does not fit the model asked for."""
 
 
 def one_line(err):
-    """An exception as one whole line for a user: its first line (else its type's name), and of a long
-    line its first sentence; never cut mid-word."""
+    """An exception as one line for a user: its first line, and of a long line its first sentence."""
     lines = str(err).strip().splitlines()
     text = lines[0].strip() if lines else type(err).__name__
     if len(text) > 160 and '. ' in text[:160]:
@@ -422,7 +446,7 @@ def one_line(err):
 
 
 def load_checkpoint(path, map_location='cpu'):
-    """torch.load with weights_only=True, turning every failure into a one-line CheckpointError."""
+    """torch.load with weights_only=True; every failure is a one-line CheckpointError."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -434,14 +458,14 @@ def load_checkpoint(path, map_location='cpu'):
     except Exception as err:  # truncated zip, pickle garbage, wrong file type, no permission ...
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {one_line(err)})")
     config = ckpt.get('config') if isinstance(ckpt, dict) else None
-    if (not isinstance(config, dict) or not isinstance(config.get('model'), dict) or not isinstance(config.get('train', {}), dict)
-            or not isinstance(ckpt.get('model'), dict)):
+    if (not isinstance(config, dict) or not isinstance(config.get('model'), dict)
+            or not isinstance(config.get('train', {}), dict) or not isinstance(ckpt.get('model'), dict)):
         raise CheckpointError(f"{path} is not a looped checkpoint (missing model weights or config)")
     return ckpt
 
 
 def load_weights(model, state, path):
-    """model.load_state_dict(state), a CheckpointError if the weights do not fit the model's config."""
+    """model.load_state_dict(state), or a CheckpointError if the weights do not fit the model's config."""
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError, KeyError) as err:
@@ -451,15 +475,11 @@ def load_weights(model, state, path):
 
 
 def config_from_dict(d, source='checkpoint'):
-    known = {f.name for f in fields(LoopedConfig)}
-    unknown = set(d) - known
+    """A validated LoopedConfig from a checkpoint's dict, or a one-line CheckpointError."""
+    unknown = set(d) - {f.name for f in fields(LoopedConfig)}
     if unknown:
         raise CheckpointError(f"{source}: unknown model config keys {sorted(unknown)}")
     try:
         return LoopedConfig(**d).validate()
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{source}: bad model config: {one_line(err)}")
-
-
-def config_to_dict(cfg):
-    return asdict(cfg)

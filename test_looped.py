@@ -235,7 +235,7 @@ def test_halting_rule_runs_each_example_to_its_own_fixed_point():
         assert stopped or used[i] == 12, (i, moved)
     assert torch.equal(model(x), logits)
     assert torch.equal(model.run(x, n_iters=5)[1], torch.full((6,), 5))       # n_iters given: exactly that many
-    assert sudoku_model(halt_tol=1e-9, max_iters=0).max_iters(81) == 24          # cap default: 8 x n_iters
+    assert sudoku_model(halt_tol=1e-9, max_iters=0).cfg.cap_iters(81) == 24          # cap default: 8 x n_iters
 
 
 def test_graph_and_halting_rule_survive_a_checkpoint(tmp_path, monkeypatch):

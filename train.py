@@ -1,13 +1,13 @@
 """
 Train a looped transformer on one of the tasks, then test it on harder inputs with more iterations.
 
-    python train.py --task prefix_sums                     # CPU quick start (a few minutes)
+    python train.py --task prefix_sums                     # CPU quick start
     python train.py --task prefix_sums --recall internal --outer_norm false
     python train.py --task sudoku --device cuda --compile  # one GPU
     torchrun --standalone --nproc_per_node 8 train.py --task sudoku   # several GPUs (DDP)
 
-Every field of TrainConfig and LoopedConfig is a flag (--name value or --name=value); flags left
-out take the task's defaults, then the dataclass defaults. `python train.py --help` lists them.
+Every field of TrainConfig and LoopedConfig is a flag (--name value or --name=value); flags left out take the
+task's defaults, then the dataclass defaults. `python train.py --help` lists them.
 """
 
 import argparse
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from looped import (LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, load_weights, config_from_dict,
-                    check_fields, one_line, pick_device, GRAPHS, MAX_ITERS)
+                    check_types, check_range, check_choice, check_iters, iterate, one_line)
 from tasks import get_task, token_scores, TaskError
 
 
@@ -41,7 +41,7 @@ class TrainConfig:
     seed: int = 1337               # seeds the weights, the data stream and the evaluation sets
     device: str = 'auto'           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     dtype: str = 'auto'            # auto (bfloat16 autocast on CUDA if supported) | float32 | bfloat16
-    compile: bool = False          # torch.compile the model (not useful on CPU)
+    compile: bool = False          # torch.compile the loop body (not useful on CPU)
     train_difficulty: str = ''     # what training draws from ('' = the task's default)
     batch_size: int = 64           # global batch, split evenly across DDP processes
     max_steps: int = 2000          # optimizer steps
@@ -53,29 +53,30 @@ class TrainConfig:
     grad_clip: float = 1.0         # clip the global gradient norm (0 = off)
     alpha: float = 0.5             # progressive loss weight: (1-alpha) CE(T iters) + alpha CE(n+k iters)
     tbptt: int = 0                 # backprop through the last tbptt iterations of the T-iteration term (0 = all)
-    overrun: bool = False          # that term runs T + extra iterations, extra ~ U{0..T-1}: the answer must hold past T
+    overrun: bool = False          # that term runs T + extra iterations, extra ~ U{0..T-1}
     log_interval: int = 50         # steps between log lines
     eval_interval: int = 500       # steps between quick evaluations at the training difficulty (0 = never)
     ckpt_interval: int = 500       # steps between checkpoints (0 = only at the end)
     eval_n: int = 512              # examples per difficulty in evaluations
     eval_difficulties: str = ''    # comma list for the final table ('' = the task's default)
-    eval_mults: str = ''           # final table columns: comma list of multiples of the default iteration rule ('' = the task's)
+    eval_mults: str = ''           # final table columns: multiples of the default iteration rule ('' = the task's)
     eval_batch: int = 128          # evaluation batch size
     peak_flops: float = 0.0        # device peak FLOP/s for MFU (0 = look the device up in a small table)
 
-    BOUNDS = dict(seed='[0, 2**63)', batch_size='[1, 2**20]', max_steps='[0, inf)', lr='[0, inf)', min_lr='[0, inf)',
-                  warmup_steps='[0, inf)', weight_decay='[0, inf)', beta2='[0, 1)', grad_clip='[0, inf)', alpha='[0, 1]',
-                  tbptt='[0, inf)', log_interval='[1, inf)', eval_interval='[0, inf)', ckpt_interval='[0, inf)',
-                  eval_n='[1, 2**20]', eval_batch='[1, 2**20]', peak_flops='[0, inf)')   # allowed values (check_fields)
-
     def validate(self, task):
-        """Raise ValueError (TaskError) with a one-line message for any field that cannot be meant."""
-        check_fields(self)
+        """Raise ValueError (TaskError) with a one-line message for any field that cannot be meant; returns self."""
+        check_types(self)
+        inf = math.inf
+        for name, lo, hi in (('seed', 0, 2**63 - 1), ('batch_size', 1, 2**20), ('max_steps', 0, inf), ('lr', 0, inf),
+                             ('min_lr', 0, inf), ('warmup_steps', 0, inf), ('weight_decay', 0, inf), ('beta2', 0, 1),
+                             ('grad_clip', 0, inf), ('alpha', 0, 1), ('tbptt', 0, inf), ('log_interval', 1, inf),
+                             ('eval_interval', 0, inf), ('ckpt_interval', 0, inf), ('eval_n', 1, 2**20),
+                             ('eval_batch', 1, 2**20), ('peak_flops', 0, inf)):
+            check_range(self, name, lo, hi, open_hi=name == 'beta2')
+        check_choice(self, 'dtype', ('auto', 'float32', 'bfloat16'))
         if not self.out_dir:
             raise ValueError("out_dir must name a folder")
         pick_device(self.device)
-        if self.dtype not in ('auto', 'float32', 'bfloat16'):
-            raise ValueError(f"unknown dtype {self.dtype!r}; use auto, float32 or bfloat16")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}; the schedule decays from lr to min_lr")
         if self.resume and self.overwrite:
@@ -85,14 +86,16 @@ class TrainConfig:
 
     def eval_plan(self, task):
         """The final table's difficulties and iteration multiples: the flags, else the task's."""
-        diffs = [task.parse_difficulty(s) for s in self.eval_difficulties.split(',')] if self.eval_difficulties else list(task.eval_difficulties)
+        difficulties = ([task.parse_difficulty(s) for s in self.eval_difficulties.split(',')] if self.eval_difficulties
+                        else list(task.eval_difficulties))
         try:
             mults = [float(s) for s in self.eval_mults.split(',')] if self.eval_mults else list(task.eval_mults)
         except ValueError:
             mults = [math.nan]
         if not all(math.isfinite(m) and m > 0 for m in mults):
-            raise ValueError(f"eval_mults must be a comma list of positive numbers (multiples of the iteration rule), got {self.eval_mults!r}")
-        return diffs, mults
+            raise ValueError(f"eval_mults must be a comma list of positive numbers (multiples of the iteration rule), "
+                             f"got {self.eval_mults!r}")
+        return difficulties, mults
 
 
 # --------------------------------------------------------------------------------------------- flags
@@ -115,21 +118,25 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_fields(parser, cls, title, show_defaults=True):
+    """One flag per dataclass field, typed like its default; left out, a flag is None."""
+    group, helps = parser.add_argument_group(title), field_help(cls)
+    for f in fields(cls):
+        kind = str2bool if isinstance(f.default, bool) else type(f.default)
+        extra = dict(nargs='?', const=True) if kind is str2bool else {}
+        shown = f' [{f.default}]' if show_defaults else ''
+        group.add_argument(f'--{f.name}', type=kind, default=None, help=helps.get(f.name, '') + shown, **extra)
+
+
 def parse_args(argv=None):
-    """Returns two dicts of the flags given on the command line: TrainConfig fields, LoopedConfig fields."""
+    """The flags given on the command line as two dicts: TrainConfig fields, LoopedConfig fields."""
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_fields = {f.name for f in fields(LoopedConfig)}
-    for cls, title in ((TrainConfig, 'training ([default]; a task may set its own, see train_defaults in tasks.py)'),
-                       (LoopedConfig, 'model (defaults depend on the task: model_defaults in tasks.py)')):
-        group, helps = parser.add_argument_group(title), field_help(cls)
-        for f in fields(cls):
-            default = getattr(cls, f.name)
-            kind = str2bool if isinstance(default, bool) else type(default)
-            extra = dict(nargs='?', const=True) if kind is str2bool else {}
-            shown = '' if cls is LoopedConfig else f' [{default}]'
-            group.add_argument(f'--{f.name}', type=kind, default=None, help=helps.get(f.name, '') + shown, **extra)
+    add_fields(parser, TrainConfig, 'training ([default]; a task may set its own: train_defaults in tasks.py)')
+    add_fields(parser, LoopedConfig, 'model (defaults depend on the task: model_defaults in tasks.py)', False)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return {k: v for k, v in args.items() if k not in model_fields}, {k: v for k, v in args.items() if k in model_fields}
+    model_fields = {f.name for f in fields(LoopedConfig)}
+    return ({k: v for k, v in args.items() if k not in model_fields},
+            {k: v for k, v in args.items() if k in model_fields})
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -138,31 +145,43 @@ PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'H800': 989e12, 'A100': 312e1
                    'L4': 121e12, 'A10': 125e12, '4090': 165e12, '3090': 71e12, 'V100': 125e12, 'T4': 65e12}
 
 
+def pick_device(name):
+    """torch.device for auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps, or a one-line ValueError."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if not re.fullmatch(r'cpu|mps|cuda(:\d+)?', name):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f"device {name} asked for, but no CUDA device is available")
+    if name.startswith('cuda:') and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device {name} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    if name == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError("device mps asked for, but MPS is not available")
+    return torch.device(name)
+
+
 def setup_device(tc):
-    """Returns (device, rank, world_size, local_rank); starts torch.distributed under torchrun."""
+    """Returns (device, rank, world_size); starts torch.distributed under torchrun."""
     ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-    rank, world, local = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))) if ddp else (0, 1, 0)
-    want = str(pick_device(tc.device))                   # checked in TrainConfig.validate
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    device = str(pick_device(tc.device))
     if ddp:
-        if want.startswith('cuda'):
-            want = f'cuda:{local}'
-            torch.cuda.set_device(want)
-        torch.distributed.init_process_group(backend='nccl' if want.startswith('cuda') else 'gloo')
-    return torch.device(want), rank, world, local
+        if device.startswith('cuda'):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    return torch.device(device), rank, world
 
 
 def autocast_context(tc, device):
-    use_bf16 = tc.dtype == 'bfloat16' or (tc.dtype == 'auto' and device.type == 'cuda' and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    bf16 = tc.dtype == 'bfloat16' or (tc.dtype == 'auto' and device.type == 'cuda' and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def peak_flops(tc, device):
-    if tc.peak_flops:
+    if tc.peak_flops or device.type != 'cuda':
         return tc.peak_flops
-    if device.type == 'cuda':
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
-    return 0.0
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), 0.0)
 
 
 def lr_at(step, tc):
@@ -183,54 +202,50 @@ def make_optimizer(model, tc):
 # --------------------------------------------------------------------------------------------- loss
 
 def token_cross_entropy(logits, y):
-    """The default loss: cross-entropy per token, logits (B, L, C), y (B, L) with -100 unlabelled."""
+    """Cross-entropy per token: logits (B, L, C), y (B, L) with -100 where unlabelled."""
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
 
 class ProgressiveLoss(nn.Module):
-    """The training objective as one module, so DDP sees one forward per step (Bansal et al. 2022):
+    """The training objective (Bansal et al. 2022), one module so DDP sees one forward per step:
 
         loss = (1 - alpha) * CE(readout(h_T)) + alpha * CE(readout(h'_{n+k}))
 
-    CE is `loss(logits, y)`: a task's own loss where it has one (task.loss), else per-token cross-entropy.
-    h_T runs the full T = model.default_iters(L) iterations (gradient through the last `tbptt` only, if set),
-    or T + extra with overrun, so the readout is trained anywhere in [T, 2T) and the loop must keep its
-    answer after the rule instead of producing it at T only; h' starts from h_n detached and runs k more
-    iterations with gradient, n ~ U{0..T-1}, k ~ U{1..T-n}: the model must improve any state it is
-    handed, not count its own steps."""
+    h_T: T = default_iters(L) iterations (+ extra with overrun), gradient through the last `tbptt` only if set;
+    h': from h_n detached, k more iterations with gradient, n ~ U{0..T-1}, k ~ U{1..T-n} (draw_iters).
+    CE is the task's loss where it has one, else per-token cross-entropy."""
 
     def __init__(self, model, alpha, tbptt, compile=False, loss=token_cross_entropy):
         super().__init__()
         self.model, self.alpha, self.tbptt, self.loss = model, alpha, tbptt, loss
-        self.step = torch.compile(model.step) if compile else model.step   # the loop body is what is worth compiling
+        self.step = torch.compile(model.step) if compile else model.step
 
     def forward(self, x, y, n, k, noise_gen=None, extra=0):
+        """x, y: (B, L). Returns the loss, the logits of the last term, and the iterations run forward and
+        with gradient (for FLOP counting)."""
         m, T = self.model, self.model.default_iters(x.size(1)) + extra
         e = m.embed(x)                                              # (B, L, d)
         h = m.initial_state(e, noise_gen)
         main_iters = T if self.alpha < 1 else n                     # alpha = 1: only the progressive term
-        first_grad = max(0, T - self.tbptt) if self.alpha < 1 and self.tbptt else 0
-        if self.alpha == 1:
-            first_grad = n                                          # nothing before the branch needs gradient
-        branch = None
-        for t in range(main_iters):
+        no_grad = n if self.alpha == 1 else max(0, T - self.tbptt) if self.tbptt else 0   # leading, gradient-free
+        branch = h.detach() if n == 0 else None
+        states = iterate(self.step, h, e, main_iters)
+        for t in range(1, main_iters + 1):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t > no_grad):
+                h = next(states)[0]
             if t == n:
                 branch = h.detach()
-            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad):
-                h = self.step(h, e)
         loss, logits = 0.0, None
         if self.alpha > 0:
-            branch = h.detach() if branch is None else branch
-            for _ in range(k):
-                branch = self.step(branch, e)
+            for branch, _, _ in iterate(self.step, branch, e, k):
+                pass
             logits = m.readout(branch)
             loss = loss + self.alpha * self.loss(logits, y)
         if self.alpha < 1:
             logits = m.readout(h)
             loss = loss + (1 - self.alpha) * self.loss(logits, y)
-        fwd_iters = main_iters + (k if self.alpha > 0 else 0)       # block applications, for FLOP counting
-        grad_iters = main_iters - first_grad + (k if self.alpha > 0 else 0)
-        return loss, logits, fwd_iters, grad_iters
+        k = k if self.alpha > 0 else 0
+        return loss, logits, main_iters + k, main_iters - no_grad + k
 
 
 def draw_iters(T, gen, overrun=False):
@@ -244,72 +259,63 @@ def draw_iters(T, gen, overrun=False):
 # --------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, task, split, iter_counts, batch_size=128, ctx=nullcontext()):
-    """Scores of `split` after each iteration count in iter_counts (one pass of max(iter_counts)
-    iterations, read out along the way). Returns {iters: {metric: value}}."""
+def evaluate(model, task, split, counts, batch_size=128, ctx=nullcontext()):
+    """Task scores of `split` after each entry of `counts`: a number of iterations, or 'rule' for the model's
+    default rule (model.run, halting included). The numbers share one pass of their maximum, read out along the
+    way. Returns {count: {metric: value}} and the iterations the rule used per example (N,), or None."""
     model.eval()
     device = next(model.parameters()).device
-    counts = sorted(set(iter_counts))
-    logits = {t: [] for t in counts}
+    fixed = sorted({c for c in counts if c != 'rule'})
+    logits = {c: [] for c in counts}
+    used = []
     for i in range(0, len(split['x']), batch_size):
         x = split['x'][i:i + batch_size].to(device)
         with ctx:
             e = model.embed(x)
-            h = model.initial_state(e)
-            for t in range(1, counts[-1] + 1):
-                h = model.step(h, e)
+            for t, (h, _, _) in enumerate(iterate(model.step, model.initial_state(e), e, max(fixed, default=0)), 1):
                 if t in logits:
                     logits[t].append(model.readout(h).float().cpu())
-    return {t: task.score(torch.cat(logits[t]), split) for t in counts}
-
-
-@torch.no_grad()
-def evaluate_rule(model, task, split, batch_size=128, ctx=nullcontext()):
-    """Scores of `split` under the model's default test-time rule (model.run: halting where the
-    config asks for it), and the iterations it used per example (N,)."""
-    model.eval()
-    device = next(model.parameters()).device
-    logits, used = [], []
-    for i in range(0, len(split['x']), batch_size):
-        with ctx:
-            out, n = model.run(split['x'][i:i + batch_size].to(device))
-        logits.append(out.float().cpu())
-        used.append(n.cpu())
-    return task.score(torch.cat(logits), split), torch.cat(used)
+            if 'rule' in counts:
+                out, n = model.run(x)
+                logits['rule'].append(out.float().cpu())
+                used.append(n.cpu())
+    scores = {c: task.score(torch.cat(v), split) for c, v in logits.items()}
+    return scores, torch.cat(used) if used else None
 
 
 def final_table(model, task, tc, ctx):
-    """Accuracy (task.headline) on every evaluation difficulty against test-time iterations, as
-    multiples of the default iteration rule for that difficulty (x1 is the rule itself). Where the
-    rule grows with length (cfg.scale_iters) a row costs length x iterations per example, so longer
-    rows use fewer examples: eval_n x block_size / length, at least 32. With a halting rule
-    (cfg.halt_tol) the 'halt' column is the default rule itself, model(idx), and 'iters' the mean
-    iterations it used."""
+    """Accuracy (task.headline) on every evaluation difficulty against test-time iterations, as multiples of the
+    default rule (x1 is the rule itself); with a halting rule (cfg.halt_tol), the rule itself ('halt') and the
+    mean iterations it used. Rows whose rule grows with length use eval_n x block_size / length examples (at
+    least 32). Each row also holds a curve: accuracy at iterations spaced by sqrt(2), for plot.py."""
     cfg, head = model.cfg, task.headline
-    diffs, mults = tc.eval_plan(task)
+    difficulties, mults = tc.eval_plan(task)
     rows, halts = [], cfg.halt_tol > 0
     print(f"\n{head} accuracy (%) on fresh examples, against test-time iterations (multiples of the default rule):")
     print(f"{'difficulty':>10} | {'n':>5} | {'rule':>5} |" + ''.join(f"{'x' + format(m, 'g'):>7}" for m in mults) +
           (f" | {'halt':>5} {'iters':>6}" if halts else '') + ' | seconds')
-    for diff in diffs:
+    for difficulty in difficulties:
         t0 = time.time()
-        split = task.eval_set(diff, tc.eval_n, tc.seed)
+        split = task.eval_set(difficulty, tc.eval_n, tc.seed)
         L = split['x'].size(1)
         if cfg.scale_iters and L > cfg.block_size:
             keep = max(min(32, tc.eval_n), tc.eval_n * cfg.block_size // L)
             split = {k: v[:keep] for k, v in split.items()}
         rule = model.default_iters(L)
-        counts = [max(1, round(m * rule)) for m in mults]
-        scores = evaluate(model, task, split, counts, tc.eval_batch, ctx)
-        rows.append({'difficulty': diff, 'n': len(split['x']), 'rule_iters': rule, 'mults': mults, 'iters': counts,
-                     'scores': {str(t): s for t, s in scores.items()}})
-        cells = ''.join(f"{100 * scores[t][head]:7.1f}" for t in counts)
+        iters = [max(1, round(m * rule)) for m in mults]
+        curve = {max(1, round(rule * 2 ** (j / 2))) for j in range(-6, 1 + int(2 * math.log2(max(mults))))}
+        scores, used = evaluate(model, task, split, [*iters, *curve] + ['rule'] * halts, tc.eval_batch, ctx)
+        row = {'difficulty': difficulty, 'n': len(split['x']), 'rule_iters': rule, 'mults': mults, 'iters': iters,
+               'scores': {str(t): scores[t] for t in iters},
+               'curve': {str(t): scores[t][head] for t in sorted(curve | set(iters))}}
+        cells = ''.join(f"{100 * scores[t][head]:7.1f}" for t in iters)
         if halts:
-            score, used = evaluate_rule(model, task, split, tc.eval_batch, ctx)
-            rows[-1]['halt'] = {'scores': score, 'mean_iters': used.float().mean().item(), 'max_iters': used.max().item()}
-            cells += f" | {100 * score[head]:5.1f} {rows[-1]['halt']['mean_iters']:6.1f}"
-        rows[-1]['seconds'] = round(time.time() - t0, 1)
-        print(f"{str(diff):>10} | {len(split['x']):5d} | {rule:5d} |{cells} | {rows[-1]['seconds']:7.1f}", flush=True)
+            row['halt'] = {'scores': scores['rule'], 'mean_iters': used.float().mean().item(),
+                           'max_iters': used.max().item()}
+            cells += f" | {100 * scores['rule'][head]:5.1f} {row['halt']['mean_iters']:6.1f}"
+        row['seconds'] = round(time.time() - t0, 1)
+        rows.append(row)
+        print(f"{str(difficulty):>10} | {len(split['x']):5d} | {rule:5d} |{cells} | {row['seconds']:7.1f}", flush=True)
     return rows
 
 
@@ -337,25 +343,27 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-RESUME_MAY_CHANGE = {'out_dir', 'resume', 'overwrite', 'device', 'compile', 'max_steps', 'log_interval', 'eval_interval',
-                     'ckpt_interval', 'eval_n', 'eval_difficulties', 'eval_mults', 'eval_batch', 'peak_flops'}
+RESUME_MAY_CHANGE = {'out_dir', 'resume', 'overwrite', 'device', 'compile', 'max_steps', 'log_interval',
+                     'eval_interval', 'ckpt_interval', 'eval_n', 'eval_difficulties', 'eval_mults', 'eval_batch',
+                     'peak_flops'}
 
 
 def check_resumable(ckpt, cfg, tc, path):
-    """A run resumes only with the config it was started with (fields that don't change the
-    training trajectory excepted), from a checkpoint train.py wrote with its optimizer state."""
+    """A run resumes only with the config it was started with (fields that leave the training trajectory alone
+    excepted), from a checkpoint train.py wrote with its optimizer state."""
     missing = sorted({'optimizer', 'step', 'data_rng', 'torch_rng'} - set(ckpt))
     if missing:
         raise CheckpointError(f"{path} holds no training state to resume from (missing: {', '.join(missing)}); "
                               f"start a new run, or load its weights with LoopedTransformer.from_checkpoint")
     config_from_dict(ckpt['config']['model'], path)        # a readable config first: unknown keys, wrong types
-    if ckpt['config']['model'] != asdict(cfg):
-        diff = sorted(k for k in asdict(cfg) if ckpt['config']['model'].get(k) != getattr(cfg, k))
-        raise CheckpointError(f"{path} was trained with a different model config (differs in: {', '.join(diff)})")
+    changed = sorted(k for k in asdict(cfg) if ckpt['config']['model'].get(k) != getattr(cfg, k))
+    if changed:
+        raise CheckpointError(f"{path} was trained with a different model config (differs in: {', '.join(changed)})")
     saved = ckpt['config'].get('train', {})
-    diff = sorted(k for k in asdict(tc) if k not in RESUME_MAY_CHANGE and saved.get(k) != getattr(tc, k))
-    if diff:
-        raise CheckpointError(f"{path} was trained with a different training config (differs in: {', '.join(diff)})")
+    changed = sorted(k for k in asdict(tc) if k not in RESUME_MAY_CHANGE and saved.get(k) != getattr(tc, k))
+    if changed:
+        raise CheckpointError(f"{path} was trained with a different training config "
+                              f"(differs in: {', '.join(changed)})")
 
 
 def restore(ckpt, model, optimizer, gen, path):
@@ -371,10 +379,9 @@ def restore(ckpt, model, optimizer, gen, path):
 
 
 def claim_out_dir(out_dir):
-    """Create out_dir and take it for this run with a lock file holding our host and pid (made by an
-    atomic link, so two runs started together cannot both pass). A lock left by a dead process on
-    this host is taken over. Returns a function that releases it (and removes out_dir if this run
-    made it and left it empty)."""
+    """Create out_dir and take it with a lock file holding our host and pid, made by an atomic link; a lock left
+    by a dead process on this host is taken over. Returns a function that releases it (and removes out_dir if
+    this run made it and left it empty)."""
     lock, me = os.path.join(out_dir, 'run.lock'), f'{socket.gethostname()} {os.getpid()}'
     made = not os.path.isdir(out_dir)
     try:
@@ -424,44 +431,43 @@ def pid_alive(pid):
 # --------------------------------------------------------------------------------------------- main
 
 def configure(argv=None):
-    """Every flag, checked against the task before anything is built: (tc, cfg, task, training
-    difficulty), or a one-line error saying what is allowed."""
+    """Every flag, checked against the task before anything is built: (tc, cfg, task, training difficulty),
+    or a one-line error saying what is allowed."""
     train_overrides, model_overrides = parse_args(argv)
     try:
         task = get_task(train_overrides.get('task', TrainConfig.task))
-        tc = TrainConfig(**{**task.train_defaults, **train_overrides}).validate(task)   # dataclass < task < command line
-        train_diff = task.parse_difficulty(tc.train_difficulty) if tc.train_difficulty else task.train_difficulty
-        need = task.model_defaults(train_diff)
+        tc = TrainConfig(**{**task.train_defaults, **train_overrides}).validate(task)   # dataclass < task < flags
+        train_difficulty = (task.parse_difficulty(tc.train_difficulty) if tc.train_difficulty
+                            else task.train_difficulty)
+        need = task.model_defaults(train_difficulty)
         cfg = LoopedConfig(**{**need, **model_overrides}).validate()
         for name in ('vocab_size', 'n_classes'):
             if getattr(cfg, name) < need[name]:
                 raise ValueError(f"task {task.name} needs {name} >= {need[name]}, got {getattr(cfg, name)}")
-        diffs, mults = tc.eval_plan(task)
-        for diff in [train_diff, *diffs]:
-            L = task.model_defaults(diff)['block_size']           # the length of the task's inputs at diff
-            if cfg.pos == 'learned' and L > cfg.block_size:
-                raise ValueError(f"learned positions cover block_size {cfg.block_size} tokens, but difficulty {diff} "
-                                 f"has {L}; use --pos rope or a larger --block_size")
-            if GRAPHS[cfg.graph] not in (None, L):
-                raise ValueError(f"graph {cfg.graph!r} is drawn for {GRAPHS[cfg.graph]} tokens, but difficulty {diff} has {L}")
-            if max(mults) * cfg.default_iters(L) > MAX_ITERS:
-                raise ValueError(f"the final table would run {max(mults):g} x {cfg.default_iters(L)} iterations at "
-                                 f"difficulty {diff}, above {MAX_ITERS}; lower --eval_mults or --eval_difficulties")
+        difficulties, mults = tc.eval_plan(task)
+        for difficulty in [train_difficulty, *difficulties]:
+            L = task.model_defaults(difficulty)['block_size']           # the length of the task's inputs there
+            try:
+                cfg.check_input(L)
+                check_iters(round(max(mults) * cfg.default_iters(L)))
+            except ValueError as err:
+                raise ValueError(f"difficulty {difficulty}: {err}; change the model flags, --eval_mults "
+                                 f"or --eval_difficulties")
     except ValueError as err:                                      # TaskError is a ValueError
         raise SystemExit(f"train.py: error: {err}")
-    return tc, cfg, task, train_diff
+    return tc, cfg, task, train_difficulty
 
 
 def main(argv=None):
-    tc, cfg, task, train_diff = configure(argv)
-    device, rank, world, local = setup_device(tc)
+    tc, cfg, task, train_difficulty = configure(argv)
+    device, rank, world = setup_device(tc)
     if tc.batch_size % world:
         raise SystemExit(f"train.py: error: batch_size {tc.batch_size} is not divisible by {world} processes")
     release = claim_out_dir(tc.out_dir) if rank == 0 else (lambda: None)
     path, saved = os.path.join(tc.out_dir, 'ckpt.pt'), {}   # saved: what this run has written, for the last word
     handler = signal.getsignal(signal.SIGINT)
     try:
-        run(tc, cfg, task, train_diff, device, rank, world, saved)
+        run(tc, cfg, task, train_difficulty, device, rank, world, saved)
     except KeyboardInterrupt:                               # outside the training loop (setup, the final table)
         done = f"{path} holds step {saved['step']}" if 'step' in saved else f"nothing was written to {tc.out_dir}"
         print(f"interrupted {saved.get('phase', 'before training')}: {done}", file=sys.stderr)
@@ -474,7 +480,7 @@ def main(argv=None):
         release()
 
 
-def run(tc, cfg, task, train_diff, device, rank, world, saved):
+def run(tc, cfg, task, train_difficulty, device, rank, world, saved):
     """Train (or resume) and write the final table; records each checkpoint written in `saved`."""
     master = rank == 0
     torch.manual_seed(tc.seed)
@@ -498,41 +504,47 @@ def run(tc, cfg, task, train_diff, device, rank, world, saved):
                          f"--overwrite to replace it, or another --out_dir")
     if master:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"task {task.name} ({train_diff}) | recall {cfg.recall} | inner {cfg.inner_norm} | outer_norm {cfg.outer_norm} | "
-              f"d {cfg.d_model} | iters {cfg.n_iters} | {n_params / 1e3:.1f}k params | {device} x{world}")
+        print(f"task {task.name} ({train_difficulty}) | recall {cfg.recall} | inner {cfg.inner_norm} | "
+              f"outer_norm {cfg.outer_norm} | d {cfg.d_model} | iters {cfg.n_iters} | {n_params / 1e3:.1f}k params | "
+              f"{device} x{world}")
 
     loss_module = ProgressiveLoss(model, tc.alpha, tc.tbptt, tc.compile, getattr(task, 'loss', token_cross_entropy))
     if tc.compile and device.type == 'cpu' and master:
         print("note: --compile on CPU compiles with the C++ backend; expect a long first step and little gain")
-    if master:  # rank 0 builds an uncached training pool alone (before Ctrl-C waits for steps); the others read it from the cache
-        task.train_batch(train_diff, 1, torch.Generator())
+    if master:  # rank 0 builds an uncached training pool alone; the others read it from the cache
+        task.train_batch(train_difficulty, 1, torch.Generator())
     if world > 1:
-        loss_module = torch.nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == 'cuda' else None,
-                                                                find_unused_parameters=cfg.recall == 'none')
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device] if device.type == 'cuda' else None,
+            find_unused_parameters=cfg.recall == 'none')
         torch.distributed.barrier()
     ctx = autocast_context(tc, device)
     peak = peak_flops(tc, device)
     local_b = tc.batch_size // world
-    kept = lambda: f"the last good checkpoint (step {saved['step']}) is kept in {path}" if 'step' in saved else "no checkpoint was written"
 
-    def save(step):  # every save, the last one too: a checkpoint with non-finite weights never replaces a good one
+    def kept():
+        return (f"the last good checkpoint (step {saved['step']}) is kept in {path}" if 'step' in saved
+                else "no checkpoint was written")
+
+    def save(step):  # every save, the last one too: non-finite weights never replace a good checkpoint
         state = [*model.parameters(), *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
         if not all(torch.isfinite(t).all() for t in state):
             raise SystemExit(f"train.py: error: weights are not finite at step {step}; stopping, {kept()}")
         if master:
-            if tc.overwrite and 'step' not in saved and os.path.exists(os.path.join(tc.out_dir, 'eval.json')):
-                os.remove(os.path.join(tc.out_dir, 'eval.json'))   # it described the checkpoint being replaced
+            stale = os.path.join(tc.out_dir, 'eval.json')            # it described the checkpoint being replaced
+            if tc.overwrite and 'step' not in saved and os.path.exists(stale):
+                os.remove(stale)
             save_checkpoint(path, model, optimizer, tc, step, gen)
         saved['step'] = step
 
     interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # Ctrl-C: finish the step, save, exit
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # finish the step, save, exit
     t_log, steps_since_log, first_step = time.time(), 0, step + 1
     while step < tc.max_steps:
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        x, y = task.train_batch(train_diff, tc.batch_size, gen)           # the global batch; this rank takes its shard
+        x, y = task.train_batch(train_difficulty, tc.batch_size, gen)    # the global batch; this rank's shard
         n, k, extra = draw_iters(model.default_iters(x.size(1)), gen, tc.overrun)
         x, y = x[rank * local_b:(rank + 1) * local_b].to(device), y[rank * local_b:(rank + 1) * local_b].to(device)
         model.train()
@@ -542,7 +554,7 @@ def run(tc, cfg, task, train_diff, device, rank, world, saved):
         loss.backward()
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        shared = torch.tensor([loss.item(), float(bool(interrupted))], device=device)  # every rank agrees on the loss and on stopping
+        shared = torch.tensor([loss.item(), float(bool(interrupted))], device=device)  # ranks agree on both
         if world > 1:
             torch.distributed.all_reduce(shared)
         loss_value, stop = shared[0].item() / world, shared[1].item() > 0
@@ -551,18 +563,18 @@ def run(tc, cfg, task, train_diff, device, rank, world, saved):
         optimizer.step()
         step += 1
         steps_since_log += 1
-        if master and (step % tc.log_interval == 0 or step in (first_step, tc.max_steps)):   # the first: the pace, early
+        if master and (step % tc.log_interval == 0 or step in (first_step, tc.max_steps)):
             dt = (time.time() - t_log) / steps_since_log
             acc = token_scores(logits.detach().float().cpu(), y.cpu())['exact']   # whole sequences, this batch
-            flops = tc.batch_size * model.flops_per_iter(x.size(1)) * (fwd_iters + 2 * grad_iters)  # the loop counted
+            flops = tc.batch_size * model.flops_per_iter(x.size(1)) * (fwd_iters + 2 * grad_iters)
             mfu = f"{100 * flops / dt / peak:.1f}%" if peak else '-'
             print(f"step {step:5d} | loss {loss_value:.4f} | acc {100 * acc:5.1f}% | lr {lr:.2e} | "
                   f"{1000 * dt:.1f} ms/step | {tc.batch_size / dt:.0f} ex/s | mfu {mfu}", flush=True)
             t_log, steps_since_log = time.time(), 0
         if master and tc.eval_interval and step % tc.eval_interval == 0 and step < tc.max_steps:
-            split = task.eval_set(train_diff, min(tc.eval_n, 256), tc.seed + 1)
-            score = evaluate(model, task, split, [cfg.n_iters], tc.eval_batch, ctx)[cfg.n_iters]
-            print(f"eval step {step} | {task.headline} {100 * score[task.headline]:.1f}% on {train_diff} at {cfg.n_iters} iters")
+            split = task.eval_set(train_difficulty, min(tc.eval_n, 256), tc.seed + 1)
+            score = evaluate(model, task, split, [cfg.n_iters], tc.eval_batch, ctx)[0][cfg.n_iters][task.headline]
+            print(f"eval step {step} | {task.headline} {100 * score:.1f}% on {train_difficulty} at {cfg.n_iters} iters")
         if stop or (tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps):
             save(step)
         if stop:
@@ -575,8 +587,8 @@ def run(tc, cfg, task, train_diff, device, rank, world, saved):
         print(f"saved {path} (step {step})")
         saved['phase'] = 'during the final table (eval.json not written)'
         rows = final_table(model, task, tc, ctx)
-        write_json(os.path.join(tc.out_dir, 'eval.json'),
-                   {'config': {'model': asdict(cfg), 'train': asdict(tc)}, 'step': step, 'headline': task.headline, 'rows': rows})
+        write_json(os.path.join(tc.out_dir, 'eval.json'), {'config': {'model': asdict(cfg), 'train': asdict(tc)},
+                                                           'step': step, 'headline': task.headline, 'rows': rows})
     if world > 1:
         torch.distributed.destroy_process_group()
 
