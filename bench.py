@@ -16,15 +16,15 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import tasks
-from looped import LoopedConfig, LoopedTransformer, window_mask, check_fields, pick_device
-from train import field_help, OneLineParser
+from looped import LoopedConfig, LoopedTransformer, window_mask, iterate, check_types, check_range, check_choice
+from train import OneLineParser, add_fields, pick_device
 
 
 def per_second(fn, items, min_seconds=1.0):
@@ -50,7 +50,8 @@ def bench_sudoku(args):
 
     # (b) base puzzles per tier, generated from scratch (no cache), in 1 and 2 worker processes
     sizes = {'r1-4': 100, 'r5-8': 100, 'r9-16': 100, 'r17+': 16, 'g1-2': 24, 'g3+': 16}
-    print(f"\n{'tier':>8} | {'puzzles':>7} | {'1 worker /s':>11} | {'2 workers /s':>12} | {'clues':>5} | {'rounds':>6} | {'guesses':>7}")
+    print(f"\n{'tier':>8} | {'puzzles':>7} | {'1 worker /s':>11} | {'2 workers /s':>12} | {'clues':>5} | "
+          f"{'rounds':>6} | {'guesses':>7}")
     for tier, n in sizes.items():
         rates = []
         for workers in (1, 2):
@@ -59,7 +60,8 @@ def bench_sudoku(args):
             rates.append(n / (time.perf_counter() - t0))
         clues = (pool['puzzles'] > 0).sum(1).float().mean()
         rounds, guesses = pool['rounds'].float().mean(), pool['guesses'].float().mean()
-        print(f"{tier:>8} | {n:7d} | {rates[0]:11.1f} | {rates[1]:12.1f} | {clues:5.1f} | {rounds:6.1f} | {guesses:7.2f}")
+        print(f"{tier:>8} | {n:7d} | {rates[0]:11.1f} | {rates[1]:12.1f} | {clues:5.1f} | {rounds:6.1f} | "
+              f"{guesses:7.2f}")
 
 
 # ----------------------------------------------------------------------------------------- step
@@ -110,9 +112,8 @@ def time_train_steps(model, x, y, n_iters, repeats, ctx, step_fn=None):
         t0 = time.perf_counter()
         with ctx:
             e = model.embed(x)
-            h = model.initial_state(e)
-            for _ in range(n_iters):
-                h = step_fn(h, e)
+            for h, _, _ in iterate(step_fn, model.initial_state(e), e, n_iters):
+                pass
             loss = F.cross_entropy(model.readout(h).flatten(0, 1).float(), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,11 +125,12 @@ def time_train_steps(model, x, y, n_iters, repeats, ctx, step_fn=None):
     return statistics.median(times)
 
 
+PREFIX = dict(vocab_size=2, n_classes=2, d_model=64, n_head=4, causal=True)
 STEP_CONFIGS = {  # name: (LoopedConfig fields, batch size)
     # the prefix-sums quick start (its start token left out: the baseline has none)
-    'readme': (dict(vocab_size=2, n_classes=2, block_size=16, d_model=64, n_head=4, n_iters=40, causal=True, window=2), 64),
+    'readme': (dict(PREFIX, block_size=16, n_iters=40, window=2), 64),
     # the same model on 512-bit strings, as when testing length generalization (banded attention)
-    'long': (dict(vocab_size=2, n_classes=2, block_size=512, d_model=64, n_head=4, n_iters=8, causal=True, window=2), 16),
+    'long': (dict(PREFIX, block_size=512, n_iters=8, window=2), 16),
     'large': (dict(vocab_size=2, n_classes=2, block_size=128, d_model=256, n_head=8, n_iters=8, causal=True), 16),
     # the chess block: local board graph with a learned bias per board offset (the baseline attends everywhere)
     'chess': (dict(vocab_size=13, n_classes=3, block_size=64, pos='learned', causal=False, graph='chess_local',
@@ -157,7 +159,8 @@ def bench_step(args):
             for k in times:
                 times[k].append(time_train_steps(models[k], x, y, cfg.n_iters, args.repeats, ctx, steps[k]))
         ratio = statistics.median(a / b for a, b in zip(times['ours'], times['torch']))
-        print(f"{name:>8} | {1e3 * statistics.median(times['ours']):8.2f} | {1e3 * statistics.median(times['torch']):14.2f} | {ratio:16.3f}")
+        ours, theirs = (1e3 * statistics.median(times[k]) for k in ('ours', 'torch'))
+        print(f"{name:>8} | {ours:8.2f} | {theirs:14.2f} | {ratio:16.3f}")
 
 
 # ----------------------------------------------------------------------------------------- chess
@@ -172,7 +175,8 @@ def bench_chess(args):
             t0 = time.time()
             puzzles = tasks.generate_puzzles({(depth, 'train'): count}, workers=workers)[(depth, 'train')]
             dt = time.time() - t0
-            print(f"{depth:>5} | {workers:>7} | {count:>7} | {puzzles[-1]['seed'] + 1:>6} | {dt:7.1f} | {count / dt:9.2f}")
+            seeds = puzzles[-1]['seed'] + 1
+            print(f"{depth:>5} | {workers:>7} | {count:>7} | {seeds:>6} | {dt:7.1f} | {count / dt:9.2f}")
 
 
 BENCHMARKS = {'step': bench_step, 'sudoku': bench_sudoku, 'chess': bench_chess}
@@ -188,13 +192,12 @@ class BenchConfig:
     rounds: int = 5                     # step: alternating rounds
     repeats: int = 5                    # step: timed steps per round (after 2 warm-up steps)
 
-    BOUNDS = dict(window='[0, 2**20]', rounds='[1, 1000]', repeats='[1, 1000]')   # allowed values (check_fields)
-
     def validate(self):
-        check_fields(self)
+        check_types(self)
+        for name, lo, hi in (('window', 0, 2**20), ('rounds', 1, 1000), ('repeats', 1, 1000)):
+            check_range(self, name, lo, hi)
         pick_device(self.device)
-        if self.dtype not in ('float32', 'bfloat16'):
-            raise ValueError(f"unknown dtype {self.dtype!r}; use float32 or bfloat16")
+        check_choice(self, 'dtype', ('float32', 'bfloat16'))
         unknown = [c for c in self.configs.split(',') if c not in STEP_CONFIGS]
         if unknown:
             raise ValueError(f"unknown step config {unknown[0]!r}; choose from {', '.join(STEP_CONFIGS)}")
@@ -205,11 +208,8 @@ def parse_args(argv=None):
     """(benchmark name, BenchConfig) from the command line, or a one-line error."""
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('name', help=f"one of: {', '.join(BENCHMARKS)}")
-    helps = field_help(BenchConfig)
-    for f in fields(BenchConfig):
-        kind = dict(action='store_true') if isinstance(f.default, bool) else dict(type=type(f.default), default=f.default)
-        p.add_argument(f'--{f.name}', help=f'{helps[f.name]} [{f.default}]', **kind)
-    args = vars(p.parse_args(argv))
+    add_fields(p, BenchConfig, 'options')
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     name = args.pop('name')
     if name not in BENCHMARKS:
         raise SystemExit(f"bench.py: error: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
