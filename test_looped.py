@@ -86,6 +86,29 @@ def test_recall_decides_whether_an_iteration_reads_the_input(recall):
     assert same == (recall == 'none')
 
 
+def branch_outputs(model, h, e):
+    """The attention and MLP branches' outputs during one model.step(h, e), caught by forward hooks."""
+    out = {}
+    hooks = [getattr(model.block, name).register_forward_hook(lambda m, i, o, name=name: out.update({name: o}))
+             for name in ('attn', 'mlp')]
+    model.step(h, e)
+    for hook in hooks:
+        hook.remove()
+    return out
+
+
+@pytest.mark.parametrize('recall', RECALLS)
+def test_which_branches_read_the_input(recall):
+    """At a fixed state, changing the input changes the attention branch's output with standard recall (through
+    W [h ; e]) and internal_both, not with internal (ours: the MLP alone) or none; the MLP's with every recall."""
+    torch.manual_seed(0)
+    model = LoopedTransformer(tiny_config(recall=recall, causal=False))
+    h, e1, e2 = torch.randn(3, 2, 8, 16)
+    one, two = branch_outputs(model, h, e1), branch_outputs(model, h, e2)
+    assert torch.allclose(one['attn'], two['attn']) == (recall in ('none', 'internal'))
+    assert torch.allclose(one['mlp'], two['mlp']) == (recall == 'none')
+
+
 def test_progressive_loss_matches_plain_forward():
     """With alpha = 0 the loss is CE of the T-iteration output; with alpha = 1, of n + k iterations."""
     torch.manual_seed(0)
@@ -264,8 +287,9 @@ def test_model_call_checks_its_input(bad, words):
     assert model(idx.int(), n_iters=0).shape == (2, 3, 2)
 
 
-def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
-    train.main(quick_args(tmp_path, '--max_steps', '3'))
+@pytest.mark.parametrize('recall', ['standard', 'internal_both'])
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, recall):
+    train.main(quick_args(tmp_path, '--max_steps', '3', '--recall', recall))
     model = LoopedTransformer.from_checkpoint(tmp_path / 'ckpt.pt')
     assert not model.training
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
