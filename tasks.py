@@ -7,17 +7,20 @@ The paper's three tasks, each easy to train on and harder to test on:
 
 Every task has the same small shape, which train.py and analyze.py rely on:
 
-    task.model_defaults(diff)      LoopedConfig fields the task sets (vocab, classes, positions ...)
-    task.train_defaults            TrainConfig fields the task sets (a dict, often empty)
-    task.train_difficulty          what training draws from; task.eval_difficulties: what it is tested on
-    task.eval_mults                test-time iterations for the final table, as multiples of the default rule
-    task.parse_difficulty(s)       a difficulty from its command-line spelling (ValueError if unknown)
-    task.train_batch(diff, n, gen) -> x (n, L) long, y (n, L) long; drawn from a torch.Generator
-    task.eval_set(diff, n, seed)   -> dict with x, y (and whatever score() needs), fixed by the seed
-    task.score(logits, split)      -> dict of accuracies in [0, 1]; task.headline names the main one
-    task.loss(logits, y)           optional: the training loss (default: cross-entropy per token)
+    task.name, task.headline        the task's name; the key of score() that is the main accuracy
+    task.model_defaults(difficulty) LoopedConfig fields the task sets (vocab, classes, positions ...)
+    task.train_defaults             TrainConfig fields the task sets (a dict, often empty)
+    task.train_difficulty           what training draws from; task.eval_difficulties: what it is tested on
+    task.eval_mults                 test-time iterations for the final table, as multiples of the default rule
+    task.parse_difficulty(s)        a difficulty from its command-line spelling (TaskError if unknown)
+    task.train_batch(difficulty, n, gen) -> x (n, L) long, y (n, L) long; drawn from a torch.Generator
+    task.eval_set(difficulty, n, seed)   -> dict with x, y (and whatever score() needs), fixed by the seed
+    task.score(logits, split)       -> dict of accuracies in [0, 1]
+    task.loss(logits, y)            optional: the training loss (default: cross-entropy per token)
+
 Targets use -100 for positions that carry no label (ignored by the loss). A target shaped like the
-logits marks one choice per example instead (see choice_loss).
+logits marks one choice per example instead (see choice_loss). Sudoku and chess data come from the
+offline generators at the bottom of this file, through an on-disk cache (CACHE_DIR, env LOOPED_CACHE).
 """
 
 import hashlib
@@ -50,7 +53,7 @@ class TaskError(ValueError):
 
 def token_scores(logits, y, solved=None):
     """Per-token accuracy over labelled positions and whole-sequence (exact) accuracy.
-    logits (N, L, C), y (N, L) with -100 unlabelled; `solved` (N,) overrides the exact check.
+    logits (N, L, C), y (N, L) with -100 unlabelled; `solved` (N,) bool overrides the exact check.
     With y shaped like logits (one choice per example, see choice_loss) both are the choice's accuracy."""
     if y.shape == logits.shape:
         pred = logits.flatten(1).masked_fill(y.flatten(1) == -100, float('-inf')).argmax(1)    # (N,)
@@ -63,15 +66,10 @@ def token_scores(logits, y, solved=None):
     return {'token': right.sum().item() / max(labelled.sum().item(), 1), 'exact': exact.float().mean().item()}
 
 
-def worker_pool(workers):
-    """A process pool whose workers ignore Ctrl-C: the parent stops them, no traceback per worker."""
-    return multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
-
-
 def choice_loss(logits, y):
-    """Cross-entropy of one choice per example, a softmax over all the entries it allows: logits and
-    y of one shape (N, ...), y 1 on the answer, 0 on the other allowed entries and -100 on entries
-    that are not allowed (they get no probability). Chess: the legal moves of a position."""
+    """Cross-entropy of one choice per example, a softmax over the entries it allows: logits and y of
+    one shape (N, ...), y 1 on the answer, 0 on the other allowed entries, -100 on entries not allowed
+    (they get no probability). Chess: the legal moves of a position."""
     scores = logits.flatten(1).float().masked_fill(y.flatten(1) == -100, float('-inf'))  # (N, K)
     return F.cross_entropy(scores, y.flatten(1).argmax(1))
 
@@ -99,20 +97,18 @@ def _digest(payload):
 
 
 def cached(name, version, params, build, cache_dir=None, verbose=True):
-    """Return build() through a versioned on-disk cache file. The file records the version, the
-    params that produced it, and a checksum of its payload; a file that fails any check (stale,
-    corrupt, edited) is rebuilt, never used. Writes are atomic (temp file + rename)."""
+    """build() through the on-disk cache file {name}_v{version}_{params}.pt, which records the version,
+    the params and a checksum of the payload; a file that fails any check is rebuilt. Writes are atomic."""
     cache_dir = cache_dir or CACHE_DIR
     tag = '_'.join(f'{k}{v}' for k, v in sorted(params.items()))
     path = os.path.join(cache_dir, f'{name}_v{version}_{tag}.pt')
-    try:                                                # an unusable cache fails now, not after the build
+    try:                                                # an unusable cache fails before the build
         os.makedirs(cache_dir, exist_ok=True)
         if os.path.isdir(path):
             raise IsADirectoryError(21, 'is a directory, not a cache file', path)
     except OSError as err:
         raise TaskError(f"cannot use the data cache {err.filename or cache_dir}: {err.strerror} "
                         f"(set LOOPED_CACHE to a writable folder)")
-    why = None
     if os.path.exists(path):
         try:
             blob = torch.load(path, weights_only=True)
@@ -131,7 +127,7 @@ def cached(name, version, params, build, cache_dir=None, verbose=True):
     try:
         torch.save({'version': version, 'params': params, 'sha256': _digest(payload), 'payload': payload}, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:             # disk full, folder gone: keep the data, say why it is not cached
+    except (OSError, RuntimeError) as err:             # disk full, folder gone: return the data uncached
         if os.path.exists(tmp):
             os.remove(tmp)
         print(f"cache {path} not written ({one_line(err)}); continuing without it")
@@ -141,20 +137,14 @@ def cached(name, version, params, build, cache_dir=None, verbose=True):
 # ----------------------------------------------------------------------------- prefix sums
 
 class PrefixSums:
-    """Bits in (token id = bit), prefix parity out (class c at position i = parity of bits 1..i).
-    Difficulty is the length. The model sees a start token and attends causally to the previous
-    position only (window 2, rotary positions): the transformer's analogue of the narrow
-    convolutions of Bansal et al. 2022. One iteration can move information one position, so a
-    string of length L needs about L iterations; the loop runs 2.5 per bit at every length, in
-    training (each batch's own length) and at test time (cfg.scale_iters). Training backpropagates
-    through the last 3 iterations only: the model learns a local rule whose repeated application
-    converges (a fixed point), not a trajectory of a fixed length."""
+    """Bits in (token = bit), prefix parities out (class at position i = parity of bits 1..i); difficulty =
+    length L. The model reads a start token, attends causally to the previous position only (window 2,
+    rotary positions) and runs 2.5 iterations per bit at every length (scale_iters)."""
     name = 'prefix_sums'
     train_difficulty = 16
-    eval_difficulties = (16, 32, 64, 128, 256, 512)
-    eval_mults = (0.5, 1, 2)                # final table: iterations as multiples of the default rule
+    eval_difficulties = (16, 32, 64, 128)          # 256 and 512: --eval_difficulties 16,32,64,128,256,512
+    eval_mults = (0.5, 1, 2)
     headline = 'exact'
-
     train_defaults = dict(alpha=0.0, tbptt=3, max_steps=1500)
 
     def model_defaults(self, length):
@@ -171,17 +161,17 @@ class PrefixSums:
         return length
 
     @staticmethod
-    def make(bits):  # bits (n, L) long -> x, y
+    def make(bits):
+        """bits (n, L) long -> x = bits, y (n, L) long prefix parities."""
         return bits, torch.cumsum(bits, dim=1) % 2
 
     def train_batch(self, length, n, gen):
-        """n strings of one random length in [2, length]: the short ones teach the one-step rule
-        early, the long ones that it must hold over many steps (a length curriculum)."""
+        """n strings of one random length in [2, length] -> x, y (n, that length) long."""
         length = int(torch.randint(min(2, length), length + 1, (1,), generator=gen))
         return self.make(torch.randint(0, 2, (n, length), generator=gen))
 
     def eval_set(self, length, n, seed):
-        gen = torch.Generator().manual_seed((1_000_003 * seed + length) % 2 ** 64)  # disjoint from training streams
+        gen = torch.Generator().manual_seed((1_000_003 * seed + length) % 2 ** 64)  # apart from training streams
         x, y = self.make(torch.randint(0, 2, (n, length), generator=gen))
         return {'x': x, 'y': y}
 
@@ -190,10 +180,238 @@ class PrefixSums:
 
 
 # ----------------------------------------------------------------------------- sudoku
-# A grid is 81 digits row-major, 0 for a blank. The solver keeps one candidate bitmask per cell
-# (bit d-1 set: digit d still possible) and propagates naked singles (a settled cell removes its
-# digit from its row, column and box) and hidden singles (a digit with one place left in a unit
-# goes there), then branches on the cell with fewest candidates (lowest index on ties).
+
+# A tier is ('rounds', lo, hi): puzzles that singles finish in lo..hi rounds (singles_rounds), or
+# ('guesses', lo, hi): minimal puzzles that singles cannot finish, whose search makes lo..hi guesses.
+SUDOKU_TIERS = {
+    'r1-4':   ('rounds', 1, 4),            # the training tier
+    'r5-8':   ('rounds', 5, 8),
+    'r9-16':  ('rounds', 9, 16),
+    'r17+':   ('rounds', 17, math.inf),
+    'g1-2':   ('guesses', 1, 2),
+    'g3+':    ('guesses', 3, math.inf),
+}
+SUDOKU_VERSION = 2       # part of the cache key: bump when generation changes
+TRAIN_SEED = 0           # seed of the training pools; test pools use the run's seed
+
+
+class Sudoku:
+    """81 cells row-major in (0 blank, 1-9 a given), the solution out (class c = digit c+1, givens too);
+    difficulty = a tier of SUDOKU_TIERS. Training draws augmented transforms of pool_size base puzzles
+    (env LOOPED_SUDOKU_POOL). The model attends along the constraint graph and iterates until it halts."""
+    name = 'sudoku'
+    train_difficulty = 'r1-4'
+    eval_difficulties = tuple(SUDOKU_TIERS)
+    eval_mults = (1, 2, 4, 8)
+    headline = 'exact'
+    train_defaults = dict(alpha=0.0, tbptt=8, lr=3e-3, batch_size=32, max_steps=2000, warmup_steps=100, eval_n=256)
+
+    def __init__(self, cache_dir=None):
+        self.cache_dir, self.pools = cache_dir, {}
+        for tier in SUDOKU_TIERS:                       # an impossible tier fails here, not mid-run
+            sudoku_tier(tier)
+        size = os.environ.get('LOOPED_SUDOKU_POOL', '5000')
+        if not size.isdigit() or int(size) < 1:
+            raise TaskError(f"LOOPED_SUDOKU_POOL must be a positive integer, got {size!r}")
+        self.pool_size = int(size)
+
+    def model_defaults(self, tier):
+        return dict(vocab_size=10, n_classes=9, block_size=81, pos='learned', causal=False, scale_iters=False,
+                    graph='sudoku', recall='internal', d_model=64, n_head=4, n_iters=16, halt_tol=1e-3)
+
+    def parse_difficulty(self, s):
+        sudoku_tier(s)
+        return s
+
+    def train_batch(self, tier, n, gen):
+        """-> x (n, 81) long digits, y (n, 81) long classes: augmented transforms of pool puzzles."""
+        if tier not in self.pools:
+            self.pools[tier] = sudoku_pool(tier, 'train', self.pool_size, TRAIN_SEED, cache_dir=self.cache_dir)
+        pool = self.pools[tier]
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+        pick = rng.integers(0, len(pool['puzzles']), n)
+        x, y = augment_sudoku(pool['puzzles'][pick], pool['solutions'][pick], rng)
+        return torch.from_numpy(x), torch.from_numpy(y - 1)
+
+    def eval_set(self, tier, n, seed):
+        """x, y (n, 81) long, rounds and guesses (n,) (see make_puzzle), clues (n,): the givens."""
+        pool = sudoku_pool(tier, 'test', n, seed, cache_dir=self.cache_dir)
+        x = torch.from_numpy(pool['puzzles']).long()
+        return {'x': x, 'y': torch.from_numpy(pool['solutions']).long() - 1, 'rounds': torch.from_numpy(pool['rounds']),
+                'guesses': torch.from_numpy(pool['guesses']), 'clues': (x > 0).sum(1)}
+
+    def score(self, logits, split):
+        """cell: accuracy on blank cells; exact: the predicted grid is a valid sudoku that keeps every
+        given (then it is the solution: every puzzle has exactly one)."""
+        x, pred = split['x'], logits.argmax(-1) + 1     # (N, 81) digits
+        solved = sudoku_valid(pred) & ((x == 0) | (pred == x)).all(1)
+        s = token_scores(logits, torch.where(x == 0, split['y'], -100), solved)
+        return {'cell': s['token'], 'exact': s['exact']}
+
+
+def sudoku_valid(grids):
+    """(N, 81) digits -> (N,) bool: every row, column and box holds 1..9 once."""
+    units = grids[:, torch.tensor(UNITS)]               # (N, 27, 9)
+    return (units.sort(-1).values == torch.arange(1, 10)).all(-1).all(-1)
+
+
+# ----------------------------------------------------------------------------- chess
+
+CHESS_VERSION = 2             # part of the cache key and the puzzle file header: bump when generation changes
+MAX_DEPTH = 3                 # deepest mate the tasks offer
+PUZZLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'puzzles_chess.txt')
+FLIP_FILES = [sq ^ 7 for sq in range(64)]   # a <-> h mirror of square indices
+
+
+class Chess:
+    """Mate in N: 64 squares in (encode_board), logits (64, 64) out, a score for every (from, to) move (the
+    pair head), trained as one softmax over the legal moves (choice_loss). Difficulty: the mate depth N ('2')
+    or a range ('1-2'). Scores: 'move' (legal and mates within N), 'label' (the stored move), and
+    'move_playout', 'move_endgame': 'move' on each kind of position."""
+    name = 'chess'
+    train_difficulty = '1-2'
+    eval_difficulties = ('1', '2', '3')
+    eval_mults = (0.5, 1, 2, 4)
+    headline = 'move'
+    train_defaults = dict(batch_size=32, lr=3e-3, warmup_steps=300, max_steps=6000, alpha=0.0, tbptt=8, overrun=True)
+    loss = staticmethod(choice_loss)
+    train_pool = 8000             # training puzzles per mate depth (each also seen a<->h mirrored)
+    test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
+
+    def __init__(self):
+        self.loaded = {}          # (difficulty, side, count) -> pools()
+        self.verdicts = {}        # (fen, move, depth) -> the move forces mate within depth
+
+    def model_defaults(self, difficulty):
+        return dict(vocab_size=13, n_classes=64, pair_head=True, block_size=64, pos='learned', causal=False,
+                    scale_iters=False, graph='chess_local', board_bias=True, recall='internal', d_model=64, n_head=4,
+                    n_iters=16)
+
+    def parse_difficulty(self, s):
+        m = re.fullmatch(r'(\d)(?:-(\d))?', str(s))
+        if not m or not 1 <= int(m[1]) <= int(m[2] or m[1]) <= MAX_DEPTH:
+            raise TaskError(f"chess difficulty is a mate depth in 1..{MAX_DEPTH} or a range like 1-2, got {s!r}")
+        return m[1] if int(m[2] or m[1]) == int(m[1]) else f'{m[1]}-{m[2]}'
+
+    def pools(self, difficulty, side, count):
+        """The (depth, side) pools of every depth in difficulty, concatenated: x (N, 64), y (N, 64, 64) int8,
+        depth (N,), and the lists fen, move, kind."""
+        if (difficulty, side, count) not in self.loaded:
+            lo, _, hi = difficulty.partition('-')
+            pools = {d: chess_pool(d, side, count) for d in range(int(lo), int(hi or lo) + 1)}
+            self.loaded[difficulty, side, count] = {
+                'x': torch.cat([p['x'] for p in pools.values()]), 'y': torch.cat([p['y'] for p in pools.values()]),
+                'depth': torch.tensor([d for d, p in pools.items() for _ in p['fen']]),
+                **{k: [v for p in pools.values() for v in p[k]] for k in ('fen', 'move', 'kind')}}
+        return self.loaded[difficulty, side, count]
+
+    def train_batch(self, difficulty, n, gen):
+        """-> x (n, 64) long, y (n, 64, 64) long; half the batch a <-> h mirrored."""
+        pool = self.pools(difficulty, 'train', self.train_pool)
+        idx = torch.randint(0, len(pool['x']), (n,), generator=gen)
+        flip = torch.randint(0, 2, (n, 1), generator=gen).bool()
+        x, y = pool['x'][idx], pool['y'][idx].long()                       # (n, 64), (n, 64, 64)
+        return (torch.where(flip, x[:, FLIP_FILES], x),
+                torch.where(flip[:, :, None], y[:, FLIP_FILES][:, :, FLIP_FILES], y))
+
+    def eval_set(self, difficulty, n, seed):
+        """x (n, 64), y (n, 64, 64) long, depth (n,), and the lists fen, move, kind."""
+        pool = self.pools(difficulty, 'test', max(n, self.test_pool))
+        idx = torch.randperm(len(pool['x']), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        return {'x': pool['x'][idx], 'y': pool['y'][idx].long(), 'depth': pool['depth'][idx],
+                **{k: [pool[k][i] for i in idx] for k in ('fen', 'move', 'kind')}}
+
+    def score(self, logits, split):
+        move_ok, label_ok = [], []
+        for lg, fen, label, depth in zip(logits, split['fen'], split['move'], split['depth'].tolist()):
+            board = load_board(fen)
+            move = decode_move(lg, board)
+            label_ok.append(move.uci() == label)
+            if (fen, move.uci(), depth) not in self.verdicts:
+                self.verdicts[fen, move.uci(), depth] = label_ok[-1] or solves(board, move, depth)
+            move_ok.append(self.verdicts[fen, move.uci(), depth])
+        scores = {'move': sum(move_ok) / len(move_ok), 'label': sum(label_ok) / len(label_ok)}
+        for kind in sorted(set(split.get('kind', []))):
+            ok = [m for m, k in zip(move_ok, split['kind']) if k == kind]
+            scores[f'move_{kind}'] = sum(ok) / len(ok)
+        return scores
+
+
+def _frame(square, board):
+    """A square of the board -> its square in the encoded frame (the side to move shown as white)."""
+    return square if board.turn == chess.WHITE else chess.square_mirror(square)
+
+
+def encode_board(board):
+    """64 tokens (64,) long, a1=0 .. h8=63, in the frame where the side to move is white (the board is
+    mirrored when black moves): 0 empty, 1-6 own P N B R Q K, 7-12 the opponent's."""
+    x = torch.zeros(64, dtype=torch.long)
+    for square, piece in board.piece_map().items():
+        x[_frame(square, board)] = piece.piece_type + (0 if piece.color == board.turn else 6)
+    return x
+
+
+def model_moves(board):
+    """The moves the model chooses among: the legal ones, promotions to a queen only."""
+    return [m for m in board.legal_moves if m.promotion in (None, chess.QUEEN)]
+
+
+def encode_move(board, move):
+    """Targets (64, 64) long, entry [from, to] in the encoded frame: 1 for `move`, 0 for the other
+    moves of model_moves, -100 for the rest (no probability under choice_loss)."""
+    y = torch.full((64, 64), -100, dtype=torch.long)
+    for m in model_moves(board):
+        y[_frame(m.from_square, board), _frame(m.to_square, board)] = 0
+    y[_frame(move.from_square, board), _frame(move.to_square, board)] = 1
+    return y
+
+
+def decode_move(logits, board):
+    """The legal move of `board` with the highest score logits[from, to], logits (64, 64) in the
+    encoded frame: the argmax of choice_loss's softmax. A promotion is read as a queen."""
+    if logits.shape != (64, 64):
+        raise TaskError(f"chess logits are (64, 64) scores of from x to squares, got {tuple(logits.shape)}")
+    moves = model_moves(board)
+    if not moves:
+        raise TaskError(f"no legal move in {board.fen()!r}")
+    scores = logits.float().tolist()
+    return max(moves, key=lambda m: scores[_frame(m.from_square, board)][_frame(m.to_square, board)])
+
+
+def load_board(fen):
+    """A chess.Board from a FEN, or TaskError: the position must be legal and carry no castling or
+    en passant rights."""
+    try:
+        board = chess.Board(fen)
+    except (ValueError, TypeError) as err:
+        raise TaskError(f"illegal FEN {fen!r}: {err}")
+    if not board.is_valid():
+        raise TaskError(f"illegal position {fen!r} ({board.status()!r})")
+    if board.castling_rights or board.has_legal_en_passant():
+        raise TaskError(f"position {fen!r} has castling or en passant rights, which puzzles cannot carry")
+    return board
+
+
+# ----------------------------------------------------------------------------- registry
+
+TASKS = {'prefix_sums': PrefixSums, 'sudoku': Sudoku, 'chess': Chess}
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]()
+
+
+# ----------------------------------------------------------------------------- offline generators
+
+def worker_pool(workers):
+    """A process pool whose workers ignore Ctrl-C (the parent stops them)."""
+    return multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+
+
+# Sudoku. A grid is 81 digits row-major, 0 for a blank. The solver keeps one candidate bitmask per
+# cell (bit d-1 set: digit d still possible).
 
 ALL_DIGITS = 0x1FF
 POPCOUNT = [bin(m).count('1') for m in range(512)]
@@ -202,28 +420,7 @@ UNITS = ([[r * 9 + c for c in range(9)] for r in range(9)] + [[r * 9 + c for r i
          [[(b // 3 * 3 + i // 3) * 9 + b % 3 * 3 + i % 3 for i in range(9)] for b in range(9)])  # rows, columns, boxes
 CELL_UNITS = [[u for u in range(27) if i in UNITS[u]] for i in range(81)]
 NODE_BUDGET = 2000       # search nodes per solve; a puzzle that needs more is discarded
-MAX_ATTEMPTS = 1000      # fresh grids per puzzle before a tier is declared unreachable (an r17+ puzzle takes tens)
-SUDOKU_VERSION = 2       # bump when generation changes: cached pools are rebuilt
-TRAIN_SEED = 0           # training pools; evaluation pools use the run's seed (and the other grid class)
-
-# Difficulty is the number of sequential steps a solver needs, as length is for prefix sums. One
-# round of parallel singles fills, at once, every naked single (a blank with one digit left given the
-# placed digits) and every hidden single (a digit with one possible blank in a row, column or box);
-# a puzzle's rating is the number of rounds until the grid is full (singles_rounds). Puzzles that
-# singles cannot finish are rated by the guesses a search needs (sudoku_search).
-# tier: ('rounds', lo, hi) or ('guesses', lo, hi). A rounds tier starts from a full grid and removes
-# clues in random order, keeping a removal while singles still finish the puzzle (so the solution
-# stays unique) in at most t rounds, t drawn in [lo, hi]; it keeps the puzzle if it needs >= lo
-# rounds. A guesses tier removes clues while the solution stays unique, down to a minimal puzzle
-# (no clue can go), and keeps it if its search needs lo..hi guesses.
-SUDOKU_TIERS = {
-    'r1-4':   ('rounds', 1, 4),            # the training tier: both kinds of single, short chains
-    'r5-8':   ('rounds', 5, 8),
-    'r9-16':  ('rounds', 9, 16),
-    'r17+':   ('rounds', 17, math.inf),
-    'g1-2':   ('guesses', 1, 2),           # minimal puzzles that need one or two guesses
-    'g3+':    ('guesses', 3, math.inf),    # minimal puzzles that need several guesses
-}
+MAX_ATTEMPTS = 1000      # fresh grids per puzzle before a tier is declared unreachable
 
 
 class OverBudget(Exception):
@@ -231,37 +428,36 @@ class OverBudget(Exception):
 
 
 def propagate(c, start=range(27)):
-    """Naked and hidden singles on c (81 candidate masks, changed in place) until nothing changes.
-    Returns False on a contradiction (a cell or a digit with no place left, a digit twice in a unit).
-    Units are examined from `start`, and again only after one of their cells changed (the fixpoint
-    is the same in any order)."""
+    """Naked singles (a settled cell removes its digit from its units) and hidden singles (a digit with
+    one place left in a unit goes there) on c, 81 candidate masks changed in place, until nothing changes.
+    Examines the units in `start`, then those of each changed cell. False on a contradiction."""
     todo = list(start)                                  # units to examine
     queued = [u in todo for u in range(27)]
     while todo:
         u = todo.pop()
         queued[u], unit = False, UNITS[u]
-        fixed = 0                                       # digits settled in this unit
+        settled = 0                                     # digits settled in this unit
         for i in unit:
             m = c[i]
             if m & (m - 1) == 0:
-                if m == 0 or m & fixed:
+                if m == 0 or m & settled:
                     return False
-                fixed |= m
-        if fixed == ALL_DIGITS:
+                settled |= m
+        if settled == ALL_DIGITS:
             continue
         changed, once, twice = [], 0, 0                 # once / twice: digits possible in >= 1 / >= 2 cells
         for i in unit:
             m = c[i]
             if m & (m - 1):
-                if m & fixed:                           # naked single: settled digits leave the other cells
-                    m &= ~fixed
+                if m & settled:                         # naked single: settled digits leave the other cells
+                    m &= ~settled
                     c[i] = m
                     changed.append(i)
                 twice |= once & m
             once |= m
         if once != ALL_DIGITS:
             return False
-        hidden = once & ~twice & ~fixed                 # hidden single: a digit with one place left
+        hidden = once & ~twice & ~settled               # hidden single: a digit with one place left
         for i in unit:
             m = c[i] & hidden
             if m:
@@ -278,10 +474,9 @@ def propagate(c, start=range(27)):
 
 
 def sudoku_search(grid, limit=2, budget=NODE_BUDGET, rng=None):
-    """Depth-first search with singles propagation. Returns (solutions, guesses): up to `limit`
-    solution grids, and the number of branching nodes visited. For a unique puzzle (limit 2) the
-    whole tree is searched, so guesses is a reproducible rating: 0 = singles alone solve it.
-    rng shuffles the digits tried at a branch (to draw random grids). Raises OverBudget."""
+    """Depth-first search with propagate, branching on the first cell with fewest candidates -> up to `limit`
+    solution grids, and guesses: the branching nodes visited (0 if singles solve it). rng shuffles the
+    digits tried at a branch. Raises OverBudget after `budget` nodes."""
     solutions, nodes, guesses = [], 0, 0
 
     def dfs(c, start=range(27)):
@@ -308,23 +503,16 @@ def sudoku_search(grid, limit=2, budget=NODE_BUDGET, rng=None):
                 return
             child = c.copy()
             child[best] = digits[j]
-            dfs(child, CELL_UNITS[best])               # the parent was a fixpoint: only best's units can change
+            dfs(child, CELL_UNITS[best])               # only best's units can change
 
     dfs([ALL_DIGITS if v == 0 else 1 << (v - 1) for v in grid])
     return solutions, guesses
 
 
 def grid_class(solution):
-    """0 or 1, the same for every transform of a solution grid (so for every transform of any
-    puzzle on it): training pools use class-0 grids only, evaluation pools class-1 grids only.
-    Equivalent puzzles have equivalent solutions, so train and test can never share a puzzle or a
-    transform of one, whatever the tiers, seeds and pool sizes, and no pool needs the others to be
-    built. The price is half the random grids, which are cheap next to clue removal.
-    The invariant: for every pair of rows, the cycle type of the column permutation taking one row
-    to the other (the column where each digit sits in one row -> where it sits in the other),
-    as a sorted list over pairs; the same for columns; the two lists sorted. Line permutations
-    conjugate or invert these permutations, relabeling digits leaves them alone, transposing
-    swaps the two lists; a hash of the whole turns the rich invariant into one bit."""
+    """0 or 1, the same for every transform of a solution grid (training pools use class 0, test pools 1):
+    a hash bit of the sorted cycle types of the permutations that take each row to each other row (and
+    each column to each other column)."""
     g = np.asarray(solution).reshape(9, 9)
 
     def pair_cycles(lines):
@@ -345,8 +533,8 @@ def grid_class(solution):
 
 
 def random_grid(rng):
-    """A random complete grid: the three diagonal boxes don't constrain each other, so fill them
-    with random permutations, then let the search (digits in random order) complete the rest."""
+    """A random complete grid (81 digits), or None: the three diagonal boxes are random permutations,
+    the search (digits in random order) completes the rest."""
     grid = [0] * 81
     for box in (18, 22, 26):
         for cell, digit in zip(UNITS[box], rng.permutation(9) + 1):
@@ -366,7 +554,8 @@ def singles_rounds(grid):
             for i in unit:
                 if grid[i]:
                     used[u] |= 1 << (grid[i] - 1)
-        cand = [0 if grid[i] else ALL_DIGITS & ~(used[a] | used[b] | used[c]) for i, (a, b, c) in enumerate(CELL_UNITS)]
+        cand = [0 if grid[i] else ALL_DIGITS & ~(used[a] | used[b] | used[c])
+                for i, (a, b, c) in enumerate(CELL_UNITS)]
         fill = {i: m for i, m in enumerate(cand) if m and m & (m - 1) == 0}           # naked singles
         for unit in UNITS:
             once = twice = 0
@@ -386,9 +575,10 @@ def singles_rounds(grid):
 
 
 def make_puzzle(job):
-    """One puzzle of a tier from its own seed (so pools don't depend on the number of workers).
-    job = (tier spec, grid class, seed entropy) -> (puzzle, solution, rounds, guesses); rounds is 0
-    for a puzzle singles cannot finish, guesses 0 for one they can."""
+    """job = ((kind, lo, hi), grid class, seed) -> (puzzle, solution, rounds, guesses) of a tier: the clues
+    of a random grid are removed in random order while singles finish in t rounds, t drawn in lo..hi (or
+    while the solution stays unique: a minimal puzzle); kept if its rounds (guesses) are in lo..hi.
+    rounds is 0 for a puzzle singles cannot finish, guesses 0 for one they can."""
     (kind, lo, hi), want_class, entropy = job
     rng = np.random.default_rng(entropy)
     for _ in range(MAX_ATTEMPTS):
@@ -408,7 +598,7 @@ def make_puzzle(job):
                     puzzle[i] = solution[i]
             rounds = singles_rounds(puzzle) or 0
             guesses = 0 if rounds else sudoku_search(puzzle)[1]
-        except OverBudget:                              # discard the attempt, never keep an unchecked puzzle
+        except OverBudget:                              # discard the attempt
             continue
         if lo <= (rounds if kind == 'rounds' else guesses) <= hi:
             return puzzle, solution, rounds, guesses
@@ -426,8 +616,8 @@ def sudoku_tier(name):
 
 
 def generate_sudoku(tier, split, n, seed, workers=1, verbose=True):
-    """n puzzles of a tier for split 'train' or 'test', in worker processes. Returns a dict of
-    tensors: puzzles, solutions (n, 81) int8, rounds and guesses (n,) int32 (see make_puzzle)."""
+    """n puzzles of a tier for split 'train' (grid class 0) or 'test' (class 1), one seed each, in
+    `workers` processes -> puzzles, solutions (n, 81) int8, rounds, guesses (n,) int32 (see make_puzzle)."""
     spec = sudoku_tier(tier)
     if n < 1:
         raise TaskError(f"a sudoku pool needs at least 1 puzzle, got {n}")
@@ -440,9 +630,10 @@ def generate_sudoku(tier, split, n, seed, workers=1, verbose=True):
     try:
         for result in (pool.imap(make_puzzle, jobs, chunksize=4) if pool else map(make_puzzle, jobs)):
             results.append(result)
-            if verbose and (time.time() - shown > 5 or len(results) == n):   # a line every 5 seconds, and at the end
+            if verbose and (time.time() - shown > 5 or len(results) == n):   # every 5 seconds, and at the end
                 shown = time.time()
-                print(f"sudoku {split} pool {tier}: {len(results)}/{n} puzzles, {shown - t0:.0f}s, {workers} workers", flush=True)
+                print(f"sudoku {split} pool {tier}: {len(results)}/{n} puzzles, {shown - t0:.0f}s, {workers} workers",
+                      flush=True)
     finally:
         if pool:
             pool.terminate()
@@ -452,7 +643,7 @@ def generate_sudoku(tier, split, n, seed, workers=1, verbose=True):
 
 
 def sudoku_pool(tier, split, n, seed, workers=None, cache_dir=None, verbose=True):
-    """generate_sudoku through the on-disk cache: one file per tier, split, size and seed."""
+    """generate_sudoku through the on-disk cache (one file per tier, split, size and seed), as numpy arrays."""
     kind, lo, hi = sudoku_tier(tier)
     workers = workers or ((os.cpu_count() or 1) if n >= 64 else 1)
     params = {'tier': tier, 'split': split, 'n': n, 'seed': seed, kind: f'{lo}-{hi}'}
@@ -475,116 +666,29 @@ def augment_sudoku(puzzles, solutions, rng):
     flip = rng.random(n) < 0.5
     src[flip] = src[flip].transpose(0, 2, 1)
     src = src.reshape(n, 81)
-    relabel = np.concatenate([np.zeros((n, 1), np.int64), rng.random((n, 9)).argsort(1) + 1], 1)  # (n, 10); blank stays 0
-    move = lambda g: np.take_along_axis(relabel, np.take_along_axis(g.astype(np.int64), src, 1), 1)
-    return move(puzzles), move(solutions)
+    relabel = np.concatenate([np.zeros((n, 1), np.int64), rng.random((n, 9)).argsort(1) + 1], 1)  # (n, 10); 0 stays
+    transform = lambda g: np.take_along_axis(relabel, np.take_along_axis(g.astype(np.int64), src, 1), 1)
+    return transform(puzzles), transform(solutions)
 
 
-def sudoku_valid(grids):
-    """(N, 81) digits -> (N,) bool: every row, column and box holds 1..9 once."""
-    units = grids[:, torch.tensor(UNITS)]               # (N, 27, 9)
-    return (units.sort(-1).values == torch.arange(1, 10)).all(-1).all(-1)
+# Chess. A puzzle is a position (placement and side to move: no castling or en passant rights, no clocks
+# or history) whose side to move forces mate in N with exactly one first move, and no quicker mate. Each
+# seed draws a candidate: the position 2N-1 plies before the mate ending a random game, or a sparse endgame.
 
-
-class Sudoku:
-    """81 tokens row-major: 0 for a blank, 1-9 for a given digit. Every cell is labelled with its
-    solution digit (class c = digit c+1), givens too (the model copies them). Difficulty is a named
-    tier (SUDOKU_TIERS): rounds of parallel singles, then guesses. Training draws augmented
-    transforms of a fixed pool of base puzzles that singles finish in at most 4 rounds; the model
-    attends along the constraint graph (a cell's 20 peers), and its default test-time rule
-    iterates each puzzle until its state stops changing, so harder puzzles get more iterations."""
-    name = 'sudoku'
-    train_difficulty = 'r1-4'
-    eval_difficulties = tuple(SUDOKU_TIERS)
-    eval_mults = (1, 2, 4, 8)
-    headline = 'exact'
-    # the CPU recipe (about 25 minutes on one core): the loss after n_iters iterations, gradients
-    # through the last 8 of them (4 and 2 generalized worse, 32 training iterations too)
-    train_defaults = dict(alpha=0.0, tbptt=8, lr=3e-3, batch_size=32, max_steps=2000, warmup_steps=100, eval_n=256)
-
-    def __init__(self, cache_dir=None):
-        self.cache_dir, self.pools = cache_dir, {}
-        for tier in SUDOKU_TIERS:                       # an impossible tier fails here, not mid-run
-            sudoku_tier(tier)
-        size = os.environ.get('LOOPED_SUDOKU_POOL', '5000')   # base puzzles in a training pool
-        if not size.isdigit() or int(size) < 1:
-            raise TaskError(f"LOOPED_SUDOKU_POOL must be a positive integer, got {size!r}")
-        self.pool_size = int(size)
-
-    def model_defaults(self, tier):
-        return dict(vocab_size=10, n_classes=9, block_size=81, pos='learned', causal=False, scale_iters=False,
-                    graph='sudoku', recall='internal', d_model=64, n_head=4, n_iters=16, halt_tol=1e-3)
-
-    def parse_difficulty(self, s):
-        sudoku_tier(s)
-        return s
-
-    def train_batch(self, tier, n, gen):
-        if tier not in self.pools:
-            self.pools[tier] = sudoku_pool(tier, 'train', self.pool_size, TRAIN_SEED, cache_dir=self.cache_dir)
-        pool = self.pools[tier]
-        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
-        pick = rng.integers(0, len(pool['puzzles']), n)
-        x, y = augment_sudoku(pool['puzzles'][pick], pool['solutions'][pick], rng)
-        return torch.from_numpy(x), torch.from_numpy(y - 1)
-
-    def eval_set(self, tier, n, seed):
-        pool = sudoku_pool(tier, 'test', n, seed, cache_dir=self.cache_dir)
-        x = torch.from_numpy(pool['puzzles']).long()
-        return {'x': x, 'y': torch.from_numpy(pool['solutions']).long() - 1, 'rounds': torch.from_numpy(pool['rounds']),
-                'guesses': torch.from_numpy(pool['guesses']), 'clues': (x > 0).sum(1)}
-
-    def score(self, logits, split):
-        """cell: accuracy on blank cells; exact: the predicted grid is a valid sudoku that keeps every
-        given (any such grid is the solution, since every puzzle has exactly one)."""
-        x, pred = split['x'], logits.argmax(-1) + 1     # (N, 81) digits
-        solved = sudoku_valid(pred) & ((x == 0) | (pred == x)).all(1)
-        s = token_scores(logits, torch.where(x == 0, split['y'], -100), solved)
-        return {'cell': s['token'], 'exact': s['exact']}
-
-
-# ----------------------------------------------------------------------------- chess
-#
-# A puzzle is a position whose side to move forces mate in N moves with exactly one first move, and
-# has no quicker mate. Candidates come from two sources, drawn per seed: the position 2N-1 plies
-# before the end of a random game that ended in mate (games from the opening, biased towards
-# captures and checks, taking a mate in one whenever there is one), and sparse endgames (two kings
-# and a few random pieces). An exact AND-OR search decides. A puzzle is a placement and the side to
-# move only: positions with castling or en passant rights are skipped (the encoding cannot show
-# them), clocks are reset and there is no history, so the 50-move and repetition rules never come
-# into play (claimable draws are ignored, as in puzzle books). Stalemate is a draw, never a mate; a
-# side without mating material simply finds no mate, so insufficient material needs no rule.
-
-CHESS_VERSION = 2
-MAX_DEPTH = 3                 # deepest mate the tiers offer (mate in 3 costs ~1-4 s of search per puzzle)
-PLAYOUT_SHARE = 0.5           # share of candidate seeds that are game playouts (the rest: sparse endgames)
+PLAYOUT_SHARE = 0.5           # share of seeds that are game playouts (the rest: sparse endgames)
 MAX_PLIES = 100               # a playout that has not ended in mate by then is dropped
-TEST_SHARE = 4                # one position in TEST_SHARE (by a hash) is a test candidate; its game feeds no training puzzle
-PUZZLE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'puzzles_chess.txt')
-FLIP_FILES = [sq ^ 7 for sq in range(64)]   # a <-> h mirror of square indices, a symmetry without castling
+TEST_ONE_IN = 4               # one position in TEST_ONE_IN (by a hash) is a test candidate
 EDGE_SQUARES = [sq for sq in range(64) if sq % 8 in (0, 7) or sq // 8 in (0, 7)]
 
 
-def load_board(fen):
-    """A chess.Board from a FEN, or TaskError: the position must be legal and carry no castling or
-    en passant rights (the 64-token encoding cannot show them)."""
-    try:
-        board = chess.Board(fen)
-    except (ValueError, TypeError) as err:
-        raise TaskError(f"illegal FEN {fen!r}: {err}")
-    if not board.is_valid():
-        raise TaskError(f"illegal position {fen!r} ({board.status()!r})")
-    if board.castling_rights or board.has_legal_en_passant():
-        raise TaskError(f"position {fen!r} has castling or en passant rights, which puzzles cannot carry")
-    return board
-
-
-def _position_key(board):  # everything the search result depends on (no history: repetitions are ignored)
+def _search_key(board):
+    """Everything a search result depends on (no history: repetitions are ignored)."""
     return (board.pawns, board.knights, board.bishops, board.rooks, board.queens, board.kings,
             board.occupied_co[chess.WHITE], board.turn, board.castling_rights, board.ep_square)
 
 
-def _attacks(piece_type, color, square, occupied):  # squares a piece on `square` attacks, given the occupancy
+def _attacks(piece_type, color, square, occupied):
+    """The squares (a bitboard) a piece on `square` attacks, given the occupancy."""
     if piece_type == chess.PAWN:
         return chess.BB_PAWN_ATTACKS[color][square]
     if piece_type in (chess.KNIGHT, chess.KING):
@@ -597,7 +701,7 @@ def _attacks(piece_type, color, square, occupied):  # squares a piece on `square
 
 
 def gives_check(board, move):
-    """board.gives_check(move) without making the move (3x faster; the search's inner loop)."""
+    """board.gives_check(move) without making the move."""
     if board.is_castling(move) or board.is_en_passant(move):
         return board.gives_check(move)
     king, origin = board.king(not board.turn), chess.BB_SQUARES[move.from_square]
@@ -609,11 +713,11 @@ def gives_check(board, move):
 
 
 def checking_moves(board):
-    """The legal moves that give check, the only moves that can mate. Candidates from bitboards
-    (direct checks land on a square that sees the king, discovered checks move a piece off a line
-    through it, promotions and en passant and castling are taken whole), then the exact test."""
+    """The legal moves that give check: direct checks, moves off a line through the king, promotions,
+    en passant and castling from bitboards, then gives_check."""
     king, us = board.king(not board.turn), board.turn
-    direct = chess.BB_KNIGHT_ATTACKS[king] | chess.BB_PAWN_ATTACKS[not us][king] | _attacks(chess.QUEEN, us, king, board.occupied)
+    direct = (chess.BB_KNIGHT_ATTACKS[king] | chess.BB_PAWN_ATTACKS[not us][king] |
+              _attacks(chess.QUEEN, us, king, board.occupied))
     movers = _attacks(chess.QUEEN, us, king, 0) | board.pawns & (chess.BB_RANK_7 if us else chess.BB_RANK_2)
     candidates = dict.fromkeys([*board.generate_legal_moves(chess.BB_ALL, direct), *board.generate_legal_moves(movers),
                                 *board.generate_legal_ep(), *board.generate_castling_moves()])
@@ -621,9 +725,8 @@ def checking_moves(board):
 
 
 def forces_mate(board, move, n, memo=None):
-    """True if `move` (legal, for the side to move) forces mate within n of its side's moves, this
-    one included. Exact AND-OR search: every defence is tried; a defender node fails at its first
-    escaping reply. `memo` caches attacker nodes by (position, moves left)."""
+    """True if `move` (legal) forces mate within n of its side's moves, this one included: an exact AND-OR
+    search over every defence. `memo` caches attacker nodes by (position, moves left)."""
     memo = {} if memo is None else memo
     board.push(move)
     try:
@@ -635,25 +738,25 @@ def forces_mate(board, move, n, memo=None):
         for reply in board.legal_moves:
             replies += 1
             board.push(reply)
-            key = (_position_key(board), n - 1)
+            key = (_search_key(board), n - 1)
             if key not in memo:
                 memo[key] = bool(mating_moves(board, n - 1, 1, memo))
             board.pop()
             if not memo[key]:
                 return False
-        return replies > 0                    # no reply and no mate: stalemate, a draw
+        return replies > 0                    # no reply and no mate: stalemate
     finally:
         board.pop()
 
 
 def solves(board, move, n):
-    """A predicted move is right when it is legal and forces mate within n moves."""
+    """True if `move` is legal on `board` and forces mate within n moves."""
     return board.is_legal(move) and forces_mate(board, move, n)
 
 
 def mating_moves(board, n, limit=2, memo=None):
     """Up to `limit` first moves of the side to move that force mate within n moves. Checks are
-    tried first, then captures; on the last move only checks, as nothing else can mate."""
+    tried first, then captures; on the last move only checks."""
     memo = {} if memo is None else memo
     moves = checking_moves(board)
     if n > 1:                                 # any move may start a longer mate
@@ -664,15 +767,16 @@ def mating_moves(board, n, limit=2, memo=None):
 
 def solve_puzzle(board, depth, memo=None):
     """The one first move that forces mate in `depth`, or None if the position is not a puzzle: no
-    mate, a shorter mate, several mating first moves, or an under-promotion (not encodable)."""
+    mate, a shorter mate, several mating first moves, or an under-promotion."""
     memo = {} if memo is None else memo
-    if depth > 1 and mating_moves(board, depth - 1, 1, memo):     # mates within depth-1: a shorter mate
+    if depth > 1 and mating_moves(board, depth - 1, 1, memo):     # a shorter mate
         return None
     moves = mating_moves(board, depth, 2, memo)
     return moves[0] if len(moves) == 1 and moves[0].promotion in (None, chess.QUEEN) else None
 
 
-def _pick(rng, weights):  # an index drawn in proportion to weights, from rng.random() alone (stable across Pythons)
+def _pick(rng, weights):
+    """An index drawn in proportion to weights, from rng.random() alone."""
     r, total = rng.random() * sum(weights), 0
     for i, w in enumerate(weights):
         total += w
@@ -701,7 +805,7 @@ def _playout(rng):
 
 def _endgame(rng):
     """Two kings and a few random pieces: 2-4 for the side to move, 0-3 for the other; the
-    defending king stands on the edge (where mates are) three times in four."""
+    defending king stands on the edge three times in four."""
     pieces = [chess.QUEEN, chess.ROOK, chess.BISHOP, chess.KNIGHT, chess.PAWN, chess.PAWN]
     while True:
         board, attacker = chess.Board(None), chess.WHITE if rng.random() < 0.5 else chess.BLACK
@@ -722,15 +826,21 @@ def _endgame(rng):
             return board
 
 
-def _before_mate(game, depth):
-    """The position 2*depth-1 plies before the mate that ended `game`, with clocks reset; None if
-    the game did not end in mate or that position has castling or en passant rights."""
-    if not game.is_checkmate() or len(game.move_stack) < 2 * depth - 1:
-        return None
-    board = game.copy()
-    for _ in range(2 * depth - 1):
-        board.pop()
-    if board.castling_rights or board.has_legal_en_passant():
+def _before_mate(game):
+    """{depth: the position 2*depth-1 plies before the mate that ended `game`} for every depth up to
+    MAX_DEPTH that the game is long enough for; {} if it did not end in mate."""
+    positions, board = {}, game.copy()
+    if game.is_checkmate():
+        for ply in range(1, min(2 * MAX_DEPTH - 1, len(game.move_stack)) + 1):
+            board.pop()
+            if ply % 2:
+                positions[(ply + 1) // 2] = board.copy(stack=False)
+    return positions
+
+
+def _puzzle_board(board):
+    """`board` with clocks reset; None if it is None or has castling or en passant rights."""
+    if board is None or board.castling_rights or board.has_legal_en_passant():
         return None
     return chess.Board(f"{board.board_fen()} {'w' if board.turn else 'b'} - - 0 1")
 
@@ -742,35 +852,24 @@ def position_key(board):
 
 
 def key_side(key):
-    """'train' or 'test' from a hash of a position key (a position, its colour-swapped twin and its
-    mirror image hash alike)."""
-    return 'test' if hashlib.sha256(key.encode()).digest()[0] % TEST_SHARE == 0 else 'train'
+    """'train' or 'test' from a hash of a position key."""
+    return 'test' if hashlib.sha256(key.encode()).digest()[0] % TEST_ONE_IN == 0 else 'train'
 
 
 def puzzles_at(seed, wanted):
-    """What one seed gives the (depth, side) streams in `wanted`: {(depth, side): puzzle}, a puzzle
-    being dict(seed, kind, fen, move, key). The seed draws its kind, then either one random game
-    (its position 2N-1 plies before the mate is the mate-in-N candidate) or one sparse endgame (the
-    candidate for every N). The split is by game: a candidate is a test puzzle if its position
-    hashes to test, a training puzzle only if none of its game's candidate positions (every depth)
-    does, so no game feeds both sides."""
+    """What one seed gives the (depth, side) streams in `wanted`: {(depth, side): dict(seed, kind, fen, move,
+    key)}. A candidate is a test puzzle if its position hashes to test, a training puzzle only if none of
+    its game's candidate positions (every depth) does: no game feeds both sides."""
     if not wanted:
         return {}
     rng = random.Random(seed)
     if rng.random() < PLAYOUT_SHARE:
-        kind, game = 'playout', _playout(rng)
-        boards = {depth: _before_mate(game, depth) for depth in range(1, MAX_DEPTH + 1)}
-        positions = []                                    # every candidate position, castling rights or not
-        if game.is_checkmate():
-            position = game.copy()
-            for _ in range(min(2 * MAX_DEPTH - 1, len(game.move_stack))):
-                position.pop()
-                positions.append(position.copy(stack=False))
-            positions = positions[::2]
+        kind, positions = 'playout', _before_mate(_playout(rng))      # castling rights or not
+        boards = {depth: _puzzle_board(positions.get(depth)) for depth in range(1, MAX_DEPTH + 1)}
     else:
         kind, board = 'endgame', _endgame(rng)
-        boards, positions = {depth: board for depth in range(1, MAX_DEPTH + 1)}, [board]
-    test_game = any(key_side(position_key(p)) == 'test' for p in positions)
+        positions = boards = {depth: board for depth in range(1, MAX_DEPTH + 1)}
+    test_game = any(key_side(position_key(p)) == 'test' for p in positions.values())
     found, memo = {}, {}
     for depth, side in sorted(wanted):
         board = boards[depth]
@@ -785,10 +884,9 @@ def puzzles_at(seed, wanted):
 
 
 def generate_puzzles(wanted, workers=None, have=None, progress=None):
-    """The first wanted[(depth, side)] distinct puzzles of each stream, seeds 0, 1, 2, ... in order,
-    extending the prefixes in `have`. Returns {(depth, side): [puzzle, ...]}. Worker processes take
-    whole seeds, so the result does not depend on their number. progress(streams), if given, sees
-    the streams after each chunk of seeds (each a prefix of its stream, so it can be saved)."""
+    """The first wanted[(depth, side)] distinct puzzles of each stream, seeds 0, 1, 2, ... in order, extending
+    the prefixes in `have` -> {(depth, side): [puzzle, ...]}, whatever the number of workers.
+    progress(streams), if given, sees the streams (prefixes) after each chunk of seeds."""
     streams = {k: list((have or {}).get(k, []))[:n] for k, n in wanted.items()}
     keys = {k: {p['key'] for p in ps} for k, ps in streams.items()}
     done_to = {k: ps[-1]['seed'] if ps else -1 for k, ps in streams.items()}   # a prefix covers seeds up to here
@@ -798,7 +896,8 @@ def generate_puzzles(wanted, workers=None, have=None, progress=None):
     try:
         while open_streams():
             jobs = [(s, tuple(k for k in open_streams() if s > done_to[k])) for s in range(seed, seed + 16 * workers)]
-            for found in (pool.starmap(puzzles_at, jobs, chunksize=4) if pool else itertools.starmap(puzzles_at, jobs)):
+            results = pool.starmap(puzzles_at, jobs, chunksize=4) if pool else itertools.starmap(puzzles_at, jobs)
+            for found in results:
                 for k, p in sorted(found.items()):
                     if len(streams[k]) < wanted[k] and p['key'] not in keys[k]:
                         streams[k].append(p)
@@ -837,11 +936,11 @@ def read_puzzle_file(path=PUZZLE_FILE):
 
 
 def write_puzzle_file(sizes, path=PUZZLE_FILE, workers=None):
-    """(Re)write the shipped file with the first sizes[(depth, side)] puzzles of each stream,
-    extending what the file already holds; saved about every minute, so a stopped run can be resumed."""
+    """(Re)write the shipped file with the first sizes[(depth, side)] puzzles of each stream, extending
+    what the file already holds; saved (atomically) every minute and at the end."""
     t0 = last_save = time.time()
 
-    def save(streams):  # atomically: a run stopped at any point keeps what it had found by its last save
+    def save(streams):
         body = ''.join(f"{d};{side};{p['seed']};{p['kind']};{p['fen']};{p['move']}\n"
                        for (d, side), puzzles in sorted(streams.items()) for p in puzzles)
         with open(f'{path}.tmp', 'w') as f:
@@ -863,8 +962,8 @@ def write_puzzle_file(sizes, path=PUZZLE_FILE, workers=None):
 
 
 def chess_pool(depth, side, count):
-    """The first `count` puzzles of the (depth, side) stream as tensors (the shipped file's prefix,
-    then generation), through the on-disk cache: dict(x (count, 64), y (count, 64, 64) int8, fen, move, kind)."""
+    """The first `count` puzzles of the (depth, side) stream (the shipped file's prefix, then generation)
+    through the on-disk cache: x (count, 64) long, y (count, 64, 64) int8, and the lists fen, move, kind."""
     def build():
         have = read_puzzle_file()
         if len(have.get((depth, side), [])) < count:
@@ -872,142 +971,10 @@ def chess_pool(depth, side, count):
         puzzles = generate_puzzles({(depth, side): count}, have=have)[(depth, side)]
         boards = [chess.Board(p['fen']) for p in puzzles]
         return {'x': torch.stack([encode_board(b) for b in boards]),
-                'y': torch.stack([encode_move(b, chess.Move.from_uci(p['move'])).to(torch.int8)      # (count, 64, 64)
+                'y': torch.stack([encode_move(b, chess.Move.from_uci(p['move'])).to(torch.int8)
                                   for b, p in zip(boards, puzzles)]),
-                'fen': [p['fen'] for p in puzzles], 'move': [p['move'] for p in puzzles], 'kind': [p['kind'] for p in puzzles]}
+                **{k: [p[k] for p in puzzles] for k in ('fen', 'move', 'kind')}}
     return cached('chess', CHESS_VERSION, {'depth': depth, 'side': side, 'n': count}, build)
-
-
-def _frame(square, board):  # a square of the real board -> the encoded frame (side to move shown as white)
-    return square if board.turn == chess.WHITE else chess.square_mirror(square)
-
-
-def encode_board(board):
-    """64 tokens, a1=0 .. h8=63, in the frame where the side to move is white (the board is
-    mirrored when black moves): 0 empty, 1-6 own P N B R Q K, 7-12 the opponent's."""
-    x = torch.zeros(64, dtype=torch.long)
-    for square, piece in board.piece_map().items():
-        x[_frame(square, board)] = piece.piece_type + (0 if piece.color == board.turn else 6)
-    return x
-
-
-def model_moves(board):
-    """The moves the model chooses among: the legal ones, promotions to a queen only (the encoding
-    has no promotion piece)."""
-    return [m for m in board.legal_moves if m.promotion in (None, chess.QUEEN)]
-
-
-def encode_move(board, move):
-    """Targets (64, 64), entry [from, to] in the encoded frame for each move: 1 for `move`, 0 for the
-    other legal moves, -100 for the rest (not legal: no probability under choice_loss)."""
-    y = torch.full((64, 64), -100, dtype=torch.long)
-    for m in model_moves(board):
-        y[_frame(m.from_square, board), _frame(m.to_square, board)] = 0
-    y[_frame(move.from_square, board), _frame(move.to_square, board)] = 1
-    return y
-
-
-def decode_move(logits, board):
-    """The legal move of `board` with the highest score logits[from, to], logits (64, 64) in the
-    encoded frame: the argmax of choice_loss's softmax. A promotion is read as a queen."""
-    if logits.shape != (64, 64):
-        raise TaskError(f"chess logits are (64, 64) scores of from x to squares, got {tuple(logits.shape)}")
-    moves = model_moves(board)
-    if not moves:
-        raise TaskError(f"no legal move in {board.fen()!r}")
-    scores = logits.float().tolist()
-    return max(moves, key=lambda m: scores[_frame(m.from_square, board)][_frame(m.to_square, board)])
-
-
-class Chess:
-    """Mate in N: 64 squares in, the first move of the forced mate out: a score for every pair of
-    squares, logits[from, to] (the model's pair head: the from-square's query against the
-    to-square's key), and training is one softmax over the position's legal moves (choice_loss),
-    so the whole loss is spent on the decision that is scored. Difficulty is the mate depth N,
-    spelled '2', or a range '1-2' for training on several depths. Depth is the easy-to-hard axis because the input never grows: proving a mate
-    in N takes 2N-1 plies of look-ahead, so deeper mates ask for more reasoning steps from the same
-    64 tokens, which is what extra loop iterations can supply. We train on mates in 1 and 2 and test
-    on 1, 2 and 3. A predicted move counts ('move', the headline) when it is legal and forces mate
-    within N, by the exact search; 'label' is agreement with the stored move. A generated puzzle has
-    exactly one such move, so on generated puzzles the two agree. Deeper mates come more often from
-    endgames than from playouts, so 'move' is also given per kind of position.
-    Pools: the first train_pool / test_pool puzzles of each depth's stream, read from the shipped
-    file where it has them (`python tasks.py chess_puzzles` grows it) and generated otherwise."""
-    name = 'chess'
-    train_difficulty = '1-2'
-    eval_difficulties = ('1', '2', '3')
-    eval_mults = (0.5, 1, 2, 4)
-    headline = 'move'
-    train_defaults = dict(batch_size=32, lr=3e-3, warmup_steps=300, max_steps=6000, alpha=0.0, tbptt=8, overrun=True)   # ~19 min on 2 CPU threads
-    loss = staticmethod(choice_loss)
-    train_pool = 8000             # training puzzles per mate depth (each also seen a<->h mirrored)
-    test_pool = 512               # test puzzles per mate depth (more if eval_set asks for more)
-
-    def __init__(self):
-        self.loaded = {}          # (diff, side, count) -> pooled split, so batches don't reread the cache
-        self.verdicts = {}        # (fen, move, N) -> solves; predictions recur across iteration counts
-
-    def model_defaults(self, diff):
-        return dict(vocab_size=13, n_classes=64, pair_head=True, block_size=64, pos='learned', causal=False,
-                    scale_iters=False, graph='chess_local', board_bias=True, recall='internal', d_model=64, n_head=4, n_iters=16)
-
-    def parse_difficulty(self, s):
-        m = re.fullmatch(r'(\d)(?:-(\d))?', str(s))
-        if not m or not 1 <= int(m[1]) <= int(m[2] or m[1]) <= MAX_DEPTH:
-            raise TaskError(f"chess difficulty is a mate depth in 1..{MAX_DEPTH} or a range like 1-2, got {s!r}")
-        return m[1] if int(m[2] or m[1]) == int(m[1]) else f'{m[1]}-{m[2]}'
-
-    def pools(self, diff, side, count):
-        """The (depth, side) pools of every depth in diff, concatenated: x, y, depth (N,), fen, move."""
-        if (diff, side, count) not in self.loaded:
-            lo, _, hi = diff.partition('-')
-            pools = {d: chess_pool(d, side, count) for d in range(int(lo), int(hi or lo) + 1)}
-            self.loaded[diff, side, count] = {
-                'x': torch.cat([p['x'] for p in pools.values()]), 'y': torch.cat([p['y'] for p in pools.values()]),
-                'depth': torch.tensor([d for d, p in pools.items() for _ in p['fen']]),
-                **{k: [v for p in pools.values() for v in p[k]] for k in ('fen', 'move', 'kind')}}
-        return self.loaded[diff, side, count]
-
-    def train_batch(self, diff, n, gen):
-        pool = self.pools(diff, 'train', self.train_pool)
-        idx = torch.randint(0, len(pool['x']), (n,), generator=gen)
-        flip = torch.randint(0, 2, (n, 1), generator=gen).bool()           # a <-> h mirror for half the batch
-        x, y = pool['x'][idx], pool['y'][idx].long()                       # (n, 64), (n, 64, 64)
-        return torch.where(flip, x[:, FLIP_FILES], x), torch.where(flip[:, :, None], y[:, FLIP_FILES][:, :, FLIP_FILES], y)
-
-    def eval_set(self, diff, n, seed):
-        pool = self.pools(diff, 'test', max(n, self.test_pool))
-        idx = torch.randperm(len(pool['x']), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-        return {'x': pool['x'][idx], 'y': pool['y'][idx].long(), 'depth': pool['depth'][idx],
-                **{k: [pool[k][i] for i in idx] for k in ('fen', 'move', 'kind')}}
-
-    def score(self, logits, split):
-        """'move' (legal and mates within N), 'label' (the stored move), and 'move' on each kind of
-        position apart ('move_playout', 'move_endgame'): depths differ in their mix of kinds."""
-        move_ok, label_ok = [], []
-        for lg, fen, label, n in zip(logits, split['fen'], split['move'], split['depth'].tolist()):
-            board = load_board(fen)
-            move = decode_move(lg, board)
-            label_ok.append(move.uci() == label)
-            if (fen, move.uci(), n) not in self.verdicts:
-                self.verdicts[fen, move.uci(), n] = label_ok[-1] or solves(board, move, n)
-            move_ok.append(self.verdicts[fen, move.uci(), n])
-        scores = {'move': sum(move_ok) / len(move_ok), 'label': sum(label_ok) / len(label_ok)}
-        for kind in sorted(set(split.get('kind', []))):
-            ok = [m for m, k in zip(move_ok, split['kind']) if k == kind]
-            scores[f'move_{kind}'] = sum(ok) / len(ok)
-        return scores
-
-
-# ----------------------------------------------------------------------------- registry
-
-TASKS = {'prefix_sums': PrefixSums, 'sudoku': Sudoku, 'chess': Chess}
-
-
-def get_task(name):
-    if name not in TASKS:
-        raise TaskError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]()
 
 
 if __name__ == '__main__':
@@ -1016,6 +983,7 @@ if __name__ == '__main__':
     if sys.argv[1:2] != ['chess_puzzles'] or len(sys.argv) > 3 or not all(a.isdigit() for a in sys.argv[2:]):
         raise SystemExit("usage: python tasks.py chess_puzzles [training puzzles per depth]")
     n_train = int(sys.argv[2]) if len(sys.argv) == 3 else Chess.train_pool
-    sizes = {(1, 'train'): n_train, (2, 'train'): n_train, **{(d, 'test'): Chess.test_pool for d in range(1, MAX_DEPTH + 1)}}
+    sizes = {(1, 'train'): n_train, (2, 'train'): n_train,
+             **{(d, 'test'): Chess.test_pool for d in range(1, MAX_DEPTH + 1)}}
     held = read_puzzle_file()
     write_puzzle_file({k: max(n, len(held.get(k, []))) for k, n in sizes.items()})
