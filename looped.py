@@ -328,6 +328,8 @@ class LoopedTransformer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        if not isinstance(cfg, LoopedConfig):
+            raise TypeError(f"LoopedTransformer takes a LoopedConfig, got {type(cfg).__name__}")
         self.cfg = cfg.validate()
         d = cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size + cfg.bos, d)

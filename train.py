@@ -322,25 +322,29 @@ def final_table(model, task, tc, ctx):
 # --------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, model, optimizer, tc, step, gen):
-    """Atomic: write a temp file, then rename over the old checkpoint."""
+    """The model, optimizer, config, step and random streams, written atomically (write_atomic)."""
     ckpt = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
             'config': {'model': asdict(model.cfg), 'train': asdict(tc)},
             'data_rng': gen.get_state(), 'torch_rng': torch.get_rng_state()}
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def write_atomic(path, write):
+    """write(tmp), then rename tmp over path: the old file stays whole until the new one is. A one-line
+    CheckpointError if it cannot be written (disk full, folder gone)."""
     tmp = f'{path}.tmp'
     try:
-        torch.save(ckpt, tmp)
+        write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:                  # disk full, folder gone: the old checkpoint stays
+    except (OSError, RuntimeError) as err:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise CheckpointError(f"cannot write {path} ({one_line(err)})")
 
 
-def write_json(path, obj):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
+def dump_json(obj, path):
+    with open(path, 'w') as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 RESUME_MAY_CHANGE = {'out_dir', 'resume', 'overwrite', 'device', 'compile', 'max_steps', 'log_interval',
@@ -444,6 +448,8 @@ def configure(argv=None):
         for name in ('vocab_size', 'n_classes'):
             if getattr(cfg, name) < need[name]:
                 raise ValueError(f"task {task.name} needs {name} >= {need[name]}, got {getattr(cfg, name)}")
+        if cfg.pair_head != need.get('pair_head', False):
+            raise ValueError(f"task {task.name} needs pair_head {need.get('pair_head', False)}, got {cfg.pair_head}")
         difficulties, mults = tc.eval_plan(task)
         for difficulty in [train_difficulty, *difficulties]:
             L = task.model_defaults(difficulty)['block_size']           # the length of the task's inputs there
@@ -587,8 +593,9 @@ def run(tc, cfg, task, train_difficulty, device, rank, world, saved):
         print(f"saved {path} (step {step})")
         saved['phase'] = 'during the final table (eval.json not written)'
         rows = final_table(model, task, tc, ctx)
-        write_json(os.path.join(tc.out_dir, 'eval.json'), {'config': {'model': asdict(cfg), 'train': asdict(tc)},
-                                                           'step': step, 'headline': task.headline, 'rows': rows})
+        result = {'config': {'model': asdict(cfg), 'train': asdict(tc)}, 'step': step, 'headline': task.headline,
+                  'rows': rows}
+        write_atomic(os.path.join(tc.out_dir, 'eval.json'), lambda tmp: dump_json(result, tmp))
     if world > 1:
         torch.distributed.destroy_process_group()
 
