@@ -300,7 +300,7 @@ def iterate(step, h, e, n_iters, halt_tol=0.0, min_iters=0, proj=None):
     each iteration the state h (B, T, d), each example's residual ||P(h_{t+1} - h_t)|| / ||P h_t|| (B,), in
     float64 (P = proj, else the identity), and the iterations each example has run (B,). The residual and
     counts are updated in place: clone them to keep them. With halt_tol > 0, an example stops once it has run
-    min_iters and its residual is below halt_tol or not finite; it keeps its state while the others go on, and
+    min_iters and its residual is below halt_tol or NaN; it keeps its state while the others go on, and
     the loop ends when all have stopped."""
     P = proj or (lambda v: v)
     B = h.size(0)
@@ -318,8 +318,7 @@ def iterate(step, h, e, n_iters, halt_tol=0.0, min_iters=0, proj=None):
         used[active] += 1
         yield h, residual, used
         if halt_tol > 0 and t + 1 >= min_iters:
-            r = residual[active]
-            active = active[(r >= halt_tol) & torch.isfinite(r)]
+            active = active[residual[active] >= halt_tol]              # NaN compares False: it stops too
             if not len(active):
                 return
 

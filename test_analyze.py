@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.attention import sdpa_kernel, SDPBackend
 
-from looped import LoopedTransformer
+from looped import LoopedTransformer, iterate
 import analyze
 import tasks
 
@@ -15,9 +15,9 @@ from conftest import run_script, tiny_config, save_tiny_checkpoint
 
 
 def linear_toy(B=3, N=24, P=12, seed=0):
-    """F(h, x) = A_b h + C_b x per example b (float64), with A_b = S D S^{-1} non-normal: a dominant
+    """step(h, x) = A_b h + C_b x per example b (float64), with A_b = S D S^{-1} non-normal: a dominant
     complex pair r_b e^{+-i theta_b}, every other eigenvalue inside |z| <= 0.5. Shapes h (B, 4, N/4), x (B, 4, P/4).
-    analyze stacks, perturbs and subsets rows, so F finds each row's b from its input."""
+    analyze stacks, perturbs and subsets rows, so step finds each row's b from its input."""
     g = torch.Generator().manual_seed(seed)
     radii, A = [0.9, 0.8, 0.85][:B], []
     for r, theta in zip(radii, (0.7, 2.0, 1.2)):
@@ -28,66 +28,67 @@ def linear_toy(B=3, N=24, P=12, seed=0):
     A, C = torch.stack(A), torch.randn(B, N, P, generator=g, dtype=torch.float64) / P ** 0.5
     x = torch.randn(B, 4, P // 4, generator=g, dtype=torch.float64)
     which = lambda x_: torch.cdist(x_.flatten(1), x.flatten(1)).argmin(1)   # a row's example: the nearest input
-    F = lambda h, x_: (A[which(x_)] @ h.flatten(1)[..., None] + C[which(x_)] @ x_.flatten(1)[..., None]).view_as(h)
-    return F, A, C, x, torch.tensor(radii, dtype=torch.float64)
+    step = lambda h, x_: (A[which(x_)] @ h.flatten(1)[..., None]
+                          + C[which(x_)] @ x_.flatten(1)[..., None]).view_as(h)
+    return step, A, C, x, torch.tensor(radii, dtype=torch.float64)
 
 
 def test_analyze_linear_toy_matches_exact_linear_algebra():
-    F, A, C, x, radii = linear_toy()
+    step, A, C, x, radii = linear_toy()
     B, N = A.shape[:2]
     h0 = torch.zeros(B, 4, N // 4, dtype=torch.float64)
-    h, res, _, _ = analyze.iterate(F, h0, x, 500)
+    reached, h, converged = analyze.convergence(step, h0, x, 5, 500, 1e-12)
     h_exact = torch.linalg.solve(torch.eye(N, dtype=torch.float64) - A, C @ x.flatten(1)[..., None])[..., 0]
-    assert torch.allclose(h.flatten(1), h_exact, atol=1e-10) and res[-1].max() < 1e-12
+    assert torch.allclose(h.flatten(1), h_exact, atol=1e-10) and reached['residual']['max'] < 1e-12
+    assert converged.all() and reached['converged'] == 1 and reached['diverged'] == 0
     assert torch.allclose(torch.linalg.eigvals(A).abs().max(1).values, radii)        # the toy is what it claims
-    _, _, h_halt, t_halt = analyze.iterate(F, h0, x, 500, halt_tol=1e-6)               # adaptive halting
-    for b, t in enumerate(t_halt.tolist()):
-        assert res[t - 1, b] < 1e-6 <= res[:t - 1, b].min()
-        assert torch.equal(h_halt[b], analyze.iterate(F, h0, x, t)[0][b])
-    h_u, res_u = analyze.iterate(F, h0, x, 500, until=1e-8, min_iters=5)[:2]             # each example stops on its own
-    stops = [next(t for t in range(5, len(res_u) + 1) if res_u[t - 1, b] < 1e-8) for b in range(B)]
-    assert len(set(stops)) == B and max(stops) == len(res_u)                             # the toy's radii differ
+    curve = []                                                  # the reach loop: each example stops on its own
+    for h_u, residual, used in iterate(step, h0, x, 500, halt_tol=1e-8, min_iters=5):
+        curve.append(residual.clone())
+    curve, stops = torch.stack(curve), used.tolist()
+    assert len(set(stops)) == B and max(stops) == len(curve)                            # the toy's radii differ
     for b, t in enumerate(stops):
-        assert torch.allclose(h_u[b], analyze.iterate(F, h0, x, t)[0][b], rtol=0, atol=1e-14)
-        assert (res_u[t - 1:, b] == res_u[t - 1, b]).all()                               # kept its state and residual
+        assert curve[t - 1, b] < 1e-8 <= curve[4:t - 1, b].min()
+        assert torch.allclose(h_u[b], analyze.run_loop(step, h0, x, t)[0][b], rtol=0, atol=1e-14)
+        assert (curve[t - 1:, b] == curve[t - 1, b]).all()                              # kept its state and residual
 
     torch.manual_seed(0)
-    rho, ok, power_off = analyze.spectral_radius(F, h, x, power_iters=20, krylov=12, tol=1e-6)
+    rho, ok, power_off = analyze.spectral_radius(step, h, x, power_iters=20, krylov=12, tol=1e-6)
     assert torch.allclose(rho, radii, rtol=1e-6) and ok.all()
     assert power_off.all()                                      # the complex pair defeats plain power iteration
 
-    norm_J, norm_ok, sigma_min, sigma_ok = analyze.singular_values(F, h, x, krylov=N, tol=1e-6)
+    norm_J, norm_ok, sigma_min, sigma_ok = analyze.singular_values(step, h, x, krylov=N, tol=1e-6)
     I = torch.eye(N, dtype=torch.float64)
     assert torch.allclose(norm_J, torch.linalg.matrix_norm(A, ord=2), rtol=1e-8) and norm_ok.all()
     assert torch.allclose(sigma_min, torch.linalg.svdvals(I - A)[:, -1], rtol=1e-6) and sigma_ok.all()
 
     v = torch.randn(x.shape, dtype=torch.float64)
-    ift, ift_ok = analyze.ift_sensitivity(F, h, x, v, krylov=8, restarts=20, tol=1e-10)  # restarts exercised
+    ift, ift_ok = analyze.ift_sensitivity(step, h, x, v, krylov=8, restarts=20, tol=1e-10)  # restarts exercised
     dh = torch.linalg.solve(I - A, C @ v.flatten(1)[..., None])[..., 0]
     assert torch.allclose(ift, dh.norm(dim=1) / v.flatten(1).norm(dim=1), rtol=1e-8) and ift_ok.all()
-    fd = analyze.fd_sensitivity(F, lambda e: torch.zeros(len(e), *h0.shape[1:], dtype=e.dtype), x, v, 500, eps=1e-3)
+    fd = analyze.fd_sensitivity(step, lambda e: torch.zeros(len(e), *h0.shape[1:], dtype=e.dtype), x, v, 500, eps=1e-3)
     assert torch.allclose(fd, ift, rtol=1e-8)
 
     readout = lambda h: h                                       # every coordinate is an output
-    names, p = analyze.path_independence(F, readout, x, h, 500, 1, 1e-10, 1e-6)
+    names, p = analyze.path_independence(step, readout, x, h, 500, 1, 1e-10, 1e-6)
     assert p['same'].all() and (p['cos'] > 1 - 1e-10).all() and not p['trivial'].any()   # contraction: every start lands on h*
 
 
 def test_analyze_input_independent_rotation_is_path_dependent():
-    """F(h, x) = R h with R orthogonal: J_x = 0 so the IFT sensitivity is exactly 0, but the reached state
+    """step(h, x) = R h with R orthogonal: J_x = 0 so the IFT sensitivity is exactly 0, but the reached state
     still moves with the input through h_0 = x (finite differences see it), and other starts never align."""
     g = torch.Generator().manual_seed(1)
     R = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))[0]
-    F = lambda h, x: (h.flatten(1) @ R.T).view_as(h)
+    step = lambda h, x: (h.flatten(1) @ R.T).view_as(h)
     x = torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
-    h = analyze.iterate(F, x, x, 50)[0]
+    h = analyze.run_loop(step, x, x, 50)[0]
     v = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    ift, ok = analyze.ift_sensitivity(F, h, x, v, krylov=12)
+    ift, ok = analyze.ift_sensitivity(step, h, x, v, krylov=12)
     assert (ift == 0).all() and ok.all()
-    assert torch.allclose(analyze.fd_sensitivity(F, lambda e: e, x, v, 50), torch.ones(4, dtype=torch.float64))
-    rho = analyze.spectral_radius(F, h, x, krylov=12, tol=1e-8)[0]
+    assert torch.allclose(analyze.fd_sensitivity(step, lambda e: e, x, v, 50), torch.ones(4, dtype=torch.float64))
+    rho = analyze.spectral_radius(step, h, x, krylov=12, tol=1e-8)[0]
     assert torch.allclose(rho, torch.ones(4, dtype=torch.float64))
-    names, p = analyze.path_independence(F, lambda h: h, x, h, 50, 1, 1e-8, 1e-6)
+    names, p = analyze.path_independence(step, lambda h: h, x, h, 50, 1, 1e-8, 1e-6)
     assert p['trivial'][names.index('zeros')].all()             # R 0 = 0: a start that is already a fixed point
     assert not p['same'][~p['trivial']].any() and p['unsettled'][~p['trivial']].all()   # a rotation never settles
 
@@ -100,8 +101,8 @@ def contractive_model(seed=0, B=3, T=8):
     model.recall_proj.weight[:, :16] -= torch.eye(16)   # drop the identity init, keep the small random part
     model.recall_proj.weight[:, :16] *= 0.02
     e = model.embed(torch.randint(0, 2, (B, T)))
-    h, res, _, _ = analyze.iterate(model.step, model.initial_state(e), e, 200)
-    assert res[-1].max() < 1e-10, 'the loop must reach its fixed point for these checks to mean anything'
+    h, res = analyze.run_loop(model.step, model.initial_state(e), e, 200)
+    assert res.max() < 1e-10, 'the loop must reach its fixed point for these checks to mean anything'
     return model, e, h
 
 
@@ -150,9 +151,9 @@ def test_analyze_removes_the_unseen_mean_direction_of_a_pre_norm_loop():
     blk.mlp.fc.weight[:, d:].normal_(0, 1.0)
     blk.mlp.proj.weight.normal_(0, 0.05)                           # ... and adds a small constant b(e)
     e = model.embed(torch.randint(0, 2, (2, 4)))
-    h, res, _, _ = analyze.iterate(model.step, model.initial_state(e), e, 300, proj=analyze.mean_free)
+    h, res = analyze.run_loop(model.step, model.initial_state(e), e, 300, proj=analyze.mean_free)
     full_res = analyze.bnorm(model.step(h, e) - h) / analyze.bnorm(h)
-    assert res[-1].max() < 1e-12 and full_res.min() > 1e-4          # what is seen has settled, the mean has not
+    assert res.max() < 1e-12 and full_res.min() > 1e-4          # what is seen has settled, the mean has not
     seen = analyze.unobservable(model.step, model.readout, h, e)
     assert seen['removed'] and seen['leak'] < 1e-12 and seen['readout'] < 1e-12 and abs(seen['gain'] - 1) < 1e-12
 
@@ -181,35 +182,62 @@ def test_analyze_removes_the_unseen_mean_direction_of_a_pre_norm_loop():
 
 
 def test_analyze_finds_a_second_attractor():
-    """F(h, x) = tanh(3 h + x / 10) coordinate-wise: near 0 every coordinate has two attracting fixed points, about
+    """step(h, x) = tanh(3 h + x / 10) coordinate-wise: near 0 every coordinate has two attracting fixed points, about
     +-0.995, so starts from noise land on other fixed points (settled, with other outputs); zeros is no fixed point."""
-    F = lambda h, x: torch.tanh(3 * h + 0.1 * x)
+    step = lambda h, x: torch.tanh(3 * h + 0.1 * x)
     x = torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    h = analyze.iterate(F, x.abs(), x, 200)[0]                     # every coordinate's positive attractor
+    h = analyze.run_loop(step, x.abs(), x, 200)[0]                     # every coordinate's positive attractor
     torch.manual_seed(0)
     sign = lambda h: torch.stack((h, -h), -1)                     # two classes per coordinate: its sign
-    names, p = analyze.path_independence(F, sign, x, h, 200, 1, 1e-10, 1e-6, draws=3)
+    names, p = analyze.path_independence(step, sign, x, h, 200, 1, 1e-10, 1e-6, draws=3)
     noise = torch.tensor(['noise' in n for n in names])
     assert not p['trivial'].any() and not p['unsettled'].any()
     assert p['other'][noise].all() and p['differ'][noise].all() and (p['cos'][noise] < 0.9).all()
     assert p['same'][~noise].any()                                 # some starts do come back (other inputs' states)
-    rho = analyze.spectral_radius(F, h, x, krylov=12, tol=1e-8)[0]
+    rho = analyze.spectral_radius(step, h, x, krylov=12, tol=1e-8)[0]
     assert (rho < 1).all()                                         # every fixed point attracts: local diagnostics look fine
     judge = lambda logits: (logits.argmax(-1) == 0).flatten(1).all(1)   # right: every coordinate positive, as h's
-    p = analyze.path_independence(F, sign, x, h, 200, 1, 1e-10, 1e-6, draws=3, judge=judge)[1]
+    p = analyze.path_independence(step, sign, x, h, 200, 1, 1e-10, 1e-6, draws=3, judge=judge)[1]
     assert (p['right'] == p['same']).all()                         # only a start that comes back gives the right answer
 
 
 def test_analyze_score_counts_answers_right_kept_and_found_from_other_starts():
     """A counter h <- h + e read as 'right while h < 10': after the rule's 2 iterations every example is right, but
-    the fastest one (e = 4) is wrong by the cap (4 iterations), so only two of three keep their answer; the score
-    is the mean of held x path."""
+    the fastest one (e = 4) is wrong by the cap (4 iterations), so only two of three keep their answer. From other
+    starts the second example is right from one of its two counted starts (a trivial start is not counted), so
+    path = (1, 1/2, 1); the score is the mean of held x path."""
     judge = lambda logits: logits[:, 0] < 10
-    right, held = analyze.answer_held(lambda h, e: h + e, lambda h: h, judge, torch.zeros(3, 1),
-                                      torch.tensor([[1.0], [2.0], [4.0]]), 2, 4)
-    assert right.tolist() == [True, True, True] and held.tolist() == [True, True, False]
-    score, parts = analyze.stability_score(right, held, torch.tensor([1.0, 0.5, 1.0]))
-    assert score == pytest.approx(0.5) and parts == pytest.approx({'right': 1.0, 'held': 2 / 3, 'path': 2.5 / 3})
+    right_from = torch.tensor([[True, True, True], [True, False, True], [False, False, False]])   # (K starts, B)
+    trivial = torch.tensor([[False] * 3, [False] * 3, [True] * 3])
+    out = analyze.stability_score(lambda h, e: h + e, lambda h: h, judge, torch.zeros(3, 1),
+                                  torch.tensor([[1.0], [2.0], [4.0]]), 2, 4, right_from, trivial)
+    assert out['score'] == pytest.approx(0.5)
+    assert out['score_parts'] == pytest.approx({'right': 1.0, 'held': 2 / 3, 'path': 2.5 / 3})
+    every_start_trivial = analyze.stability_score(lambda h, e: h + e, lambda h: h, judge, torch.zeros(3, 1),
+                                                  torch.tensor([[1.0], [2.0], [4.0]]), 2, 4, right_from, trivial[2:])
+    assert every_start_trivial['score_parts']['path'] == 1.0 and every_start_trivial['score'] == pytest.approx(2 / 3)
+
+
+def test_analyze_never_counts_a_growing_state_as_converged():
+    """h <- 1.4 Q h with Q a random rotation by small angles, float32: the state grows 1.4x per iteration. Its
+    float32 norm overflows (> 3.4e38) from about iteration 124 while every element stays finite until about 260;
+    there a float32 relative residual ||h_{t+1} - h_t|| / ||h_t|| is finite / inf = 0. The reach loop must count
+    no example as converged at any cap, and every example as diverged once its state overflows."""
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(64, 64, generator=g)
+    A = 1.4 * torch.linalg.matrix_exp(0.05 * (S - S.T))       # spectral radius 1.4
+    assert torch.allclose(torch.linalg.eigvals(A).abs(), torch.tensor(1.4))
+    step = lambda h, e: h @ A.T
+    h0 = torch.randn(4, 8, 64, generator=g)
+    window = 0
+    for cap in (110, 124, 125, 126, 160, 200, 240, 300):
+        reached, h, converged = analyze.convergence(step, h0, h0, 1, cap, 1e-5)
+        assert reached['converged'] == 0 and not converged.any(), cap
+        if torch.isfinite(h).all() and not torch.isfinite(h.flatten(1).norm(dim=1)).any():
+            window += 1                                         # the float32 norm overflowed, the elements did not
+            assert reached['diverged'] == 0
+    assert window >= 4
+    assert not torch.isfinite(h).flatten(1).all(1).any() and reached['diverged'] == 4
 
 
 def test_analyze_score_is_ranked_against_the_default_rule_accuracy():
@@ -228,13 +256,16 @@ def test_analyze_cli_rejects_bad_checkpoints_in_one_line(tmp_path):
     ckpt['config']['model']['d_model'] = 32                    # weights no longer fit the config
     torch.save(ckpt, tmp_path / 'mismatched.pt')
     for path, words in ((tmp_path / 'missing.pt', 'no checkpoint'), (garbage, 'not a readable checkpoint'),
-                        (tmp_path / 'mismatched.pt', 'do not match')):
+                        (tmp_path / 'mismatched.pt', 'do not match'), (tmp_path, 'is a directory')):
         r = run_script('analyze.py', str(path))
         assert r.returncode != 0 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    with pytest.raises(SystemExit) as err:                      # the rule at length 65536: 163840 iterations
+        analyze.main([str(tmp_path / 'good.pt'), '--hard', '65536'])
+    assert str(err.value).startswith('analyze.py: error: ') and 'above 100000' in str(err.value)
 
 
 def test_analyze_cli_end_to_end_with_json_and_a_diverged_checkpoint(tmp_path):
-    save_tiny_checkpoint(tmp_path / 'good.pt', halt_tol=10.0)          # its default rule: the rule, then one more iteration
+    save_tiny_checkpoint(tmp_path / 'good.pt', halt_tol=10.0)   # its default rule stops right after the rule
     save_tiny_checkpoint(tmp_path / 'nan.pt', poison=True)
     model, task = LoopedTransformer.from_checkpoint(tmp_path / 'good.pt'), tasks.PrefixSums()
     out = tmp_path / 'diag.json'
@@ -253,11 +284,12 @@ def test_analyze_cli_end_to_end_with_json_and_a_diverged_checkpoint(tmp_path):
             assert math.isfinite(s[key]['median']) and 0 <= s[key].get('converged', 0) <= 1, key
         assert s['state'] == 'full' and not s['observable']['removed']  # standard recall reads the state through W, not a LayerNorm
         assert s['path']['checked'] > 0 and math.isclose(sum(s['path'][k] for k in ('same', 'other_fixed_point', 'unsettled')), 1)
-        assert 0 <= s['accuracy']['rule'] <= 1 and 1 <= s['halting']['mean_iters'] <= s['reach_iters']
+        assert 0 <= s['accuracy']['rule'] <= 1 and s['halting']['halted'] == 1 and bad[name]['halting']['halted'] == 0
         assert ('score' in s) == (name == 'easy') and 0 <= s.get('score', 0) <= 1          # the score: easy inputs only
         split = task.eval_set(diff, 8, 0)
         with torch.no_grad():
-            assert s['accuracy']['default'] == task.score(model(split['x']), split)['exact'] and s['accuracy']['default_iters'] == s['rule_iters'] + 1
+            assert s['accuracy']['default'] == s['halting']['accuracy'] == task.score(model(split['x']), split)['exact']
+        assert s['accuracy']['default_iters'] == s['halting']['mean_iters'] == s['rule_iters']
         assert bad[name]['diverged'] == 4 and bad[name]['rho']['median'] is None and bad[name]['accuracy']['rule'] is None
         assert bad[name]['accuracy']['default'] is None and bad[name]['path']['examples'] == 0 and bad[name]['path']['same'] is None
     rows = [line for line in r.stdout.splitlines() if line.endswith(f"{tmp_path / 'nan.pt'} (16)")]   # side by side, hard
@@ -267,7 +299,8 @@ def test_analyze_cli_end_to_end_with_json_and_a_diverged_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize('script,args', [
-    ('analyze', ['ckpt.pt', '--eps', '0']), ('analyze', ['ckpt.pt', '--halt_tol', '-1']), ('analyze', ['ckpt.pt', '--max_cost', '-1']),
+    ('analyze', ['ckpt.pt', '--eps', '0']), ('analyze', ['ckpt.pt', '--noise', '1,x']),
+    ('analyze', ['ckpt.pt', '--max_cost', '-1']),
     ('analyze', ['ckpt.pt', '--device', 'foo']), ('analyze', ['ckpt.pt', '--json', '/no/such/folder/d.json']),
     ('bench', ['step', '--rounds', '0']), ('bench', ['step', '--device', 'foo']), ('bench', ['step', '--configs', 'readme,nope']),
 ])
