@@ -38,25 +38,32 @@ def label(run):
 
 def plot(runs, out, title=''):
     """runs: {label: eval.json dict}. Draws accuracy (%) against iterations (log scale), a colour per difficulty
-    and a line style per run, with a dot at each run's default rule, and saves it to `out`."""
+    and a line style per run, a dot at each run's default rule, and saves it to `out`."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("plot.py: error: plotting needs matplotlib: pip install matplotlib")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for style, (name, run) in zip(STYLES * len(runs), runs.items()):
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for style, run in zip(STYLES * len(runs), runs.values()):
+        head = run['headline']
         for color, row in enumerate(run['rows']):
             iters = sorted(int(t) for t in row['curve'])
-            ax.plot(iters, [100 * row['curve'][str(t)] for t in iters], style, color=f'C{color % 10}',
-                    label=f"{row['difficulty']}" + (f" ({name})" if len(runs) > 1 else ''))
-            if str(row['rule_iters']) in row['curve']:
-                ax.plot(row['rule_iters'], 100 * row['curve'][str(row['rule_iters'])], 'o', color=f'C{color % 10}')
-    ax.set(xscale='log', xlabel='test-time iterations (dots: the default rule)', ylim=(-3, 103),
-           ylabel=f"{runs[next(iter(runs))]['headline']} accuracy (%)", title=title)
+            ax.plot(iters, [100 * row['curve'][str(t)] for t in iters], style, color=f'C{color % 10}')
+            rule = row.get('halt', {}).get('mean_iters', row['rule_iters'])   # the default rule: halting if any
+            acc = row['halt']['scores'][head] if 'halt' in row else row['curve'].get(str(row['rule_iters']))
+            if acc is not None:
+                ax.plot(rule, 100 * acc, 'o', color=f'C{color % 10}', ms=4)
+    first = next(iter(runs.values()))
+    handles = [plt.Line2D([], [], color=f'C{i % 10}', label=str(row['difficulty']))
+               for i, row in enumerate(first['rows'])]
+    if len(runs) > 1:
+        handles += [plt.Line2D([], [], ls=style, color='k', label=name) for style, name in zip(STYLES, runs)]
+    ax.legend(handles=handles, fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
+    ax.set(xscale='log', xlabel='test-time iterations (dots: the default rule, at its mean iterations)',
+           ylabel=f"{first['headline']} accuracy (%)", ylim=(-3, 103), title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=1 + len(runs) // 2, title='difficulty', title_fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=80)
