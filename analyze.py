@@ -75,8 +75,9 @@ class AnalyzeConfig:
         for name, lo, hi in (('max_cost', 1, math.inf), ('batch', 1, 2**16), ('acc_n', 1, 2**16),
                              ('reach_mult', 0, 1000), ('reach_tol', 0, 1), ('power_iters', 1, 10000),
                              ('krylov', 1, 1000), ('tol', 0, 1), ('gmres_tol', 0, 1), ('eps', 0, 1), ('draws', 1, 1000),
-                             ('same_tol', 0, 1), ('overthink', 0, 1), ('seed', 0, 2**63 - 1)):
-            check_range(self, name, lo, hi, open_lo=name in positive, open_hi=name in ('reach_tol', 'gmres_tol'))
+                             ('same_tol', 0, 1), ('overthink', 0, 1), ('seed', 0, 2**63)):
+            open_hi = name in ('reach_tol', 'gmres_tol', 'seed')
+            check_range(self, name, lo, hi, open_lo=name in positive, open_hi=open_hi)
         pick_device(self.device)
         self.scales()
         if self.json and not can_write(self.json):

@@ -54,8 +54,9 @@ def check_range(cfg, name, lo, hi=math.inf, open_lo=False, open_hi=False):
     """cfg.name lies in the interval from lo to hi (closed unless open_lo / open_hi), else a one-line ValueError."""
     value = getattr(cfg, name)
     if value < lo or value > hi or (open_lo and value == lo) or (open_hi and value == hi):
+        top = f"2^{hi.bit_length() - 1}" if isinstance(hi, int) and hi > 1024 and not hi & (hi - 1) else hi
         where = (f"{'>' if open_lo else '>='} {lo}" if hi == math.inf else
-                 f"in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}")
+                 f"in {'(' if open_lo else '['}{lo}, {top}{')' if open_hi else ']'}")
         raise ValueError(f"{name} must be {where}, got {value}")
 
 
@@ -102,8 +103,9 @@ class LoopedConfig:
                               ('pos', POSITIONS), ('graph', tuple(GRAPHS))):
             check_choice(self, name, allowed)
         for name, lo, hi in (('vocab_size', 2, 2**20), ('n_classes', 2, 2**20), ('block_size', 1, 2**20),
-                             ('d_model', 1, 8192), ('n_head', 1, 8192), ('mlp_ratio', 1, 64), ('n_iters', 1, ITER_LIMIT),
-                             ('window', 0, math.inf), ('halt_tol', 0, math.inf), ('max_iters', 0, ITER_LIMIT)):
+                             ('d_model', 1, 8192), ('n_head', 1, 8192), ('mlp_ratio', 1, 64),
+                             ('n_iters', 1, ITER_LIMIT), ('window', 0, math.inf), ('halt_tol', 0, math.inf),
+                             ('max_iters', 0, ITER_LIMIT)):
             check_range(self, name, lo, hi)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
@@ -123,7 +125,8 @@ class LoopedConfig:
     def check_input(self, T):
         """Raise ValueError if an input of T tokens cannot be fed (learned positions, the attention graph)."""
         if self.pos == 'learned' and T > self.block_size:
-            raise ValueError(f"input length {T} exceeds block_size {self.block_size} of learned positions")
+            raise ValueError(f"input length {T} exceeds block_size {self.block_size} of learned positions; "
+                             f"use pos 'rope' or a larger block_size")
         if GRAPHS[self.graph] not in (None, T):
             raise ValueError(f"attention graph {self.graph!r} is drawn for {GRAPHS[self.graph]} tokens, "
                              f"got an input of {T}")

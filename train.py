@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from looped import (LoopedConfig, LoopedTransformer, CheckpointError, load_checkpoint, load_weights, config_from_dict,
-                    check_types, check_range, check_choice, check_iters, iterate, one_line)
+                    check_types, check_range, check_choice, iterate, one_line, ITER_LIMIT)
 from tasks import get_task, token_scores, TaskError
 
 
@@ -67,12 +67,12 @@ class TrainConfig:
         """Raise ValueError (TaskError) with a one-line message for any field that cannot be meant; returns self."""
         check_types(self)
         inf = math.inf
-        for name, lo, hi in (('seed', 0, 2**63 - 1), ('batch_size', 1, 2**20), ('max_steps', 0, inf), ('lr', 0, inf),
+        for name, lo, hi in (('seed', 0, 2**63), ('batch_size', 1, 2**20), ('max_steps', 0, inf), ('lr', 0, inf),
                              ('min_lr', 0, inf), ('warmup_steps', 0, inf), ('weight_decay', 0, inf), ('beta2', 0, 1),
                              ('grad_clip', 0, inf), ('alpha', 0, 1), ('tbptt', 0, inf), ('log_interval', 1, inf),
                              ('eval_interval', 0, inf), ('ckpt_interval', 0, inf), ('eval_n', 1, 2**20),
                              ('eval_batch', 1, 2**20), ('peak_flops', 0, inf)):
-            check_range(self, name, lo, hi, open_hi=name == 'beta2')
+            check_range(self, name, lo, hi, open_hi=name in ('beta2', 'seed'))
         check_choice(self, 'dtype', ('auto', 'float32', 'bfloat16'))
         if not self.out_dir:
             raise ValueError("out_dir must name a folder")
@@ -455,10 +455,12 @@ def configure(argv=None):
             L = task.model_defaults(difficulty)['block_size']           # the length of the task's inputs there
             try:
                 cfg.check_input(L)
-                check_iters(round(max(mults) * cfg.default_iters(L)))
             except ValueError as err:
-                raise ValueError(f"difficulty {difficulty}: {err}; change the model flags, --eval_mults "
-                                 f"or --eval_difficulties")
+                raise ValueError(f"difficulty {difficulty}: {err}")
+            if round(max(mults) * cfg.default_iters(L)) > ITER_LIMIT:
+                raise ValueError(f"the final table would run {max(mults):g} x {cfg.default_iters(L)} iterations at "
+                                 f"difficulty {difficulty}, above {ITER_LIMIT}; "
+                                 f"lower --eval_mults or --eval_difficulties")
     except ValueError as err:                                      # TaskError is a ValueError
         raise SystemExit(f"train.py: error: {err}")
     return tc, cfg, task, train_difficulty
