@@ -43,6 +43,7 @@ def plot(runs, out, title=''):
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise SystemExit("plot.py: error: plotting needs matplotlib: pip install matplotlib")
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -63,6 +64,9 @@ def plot(runs, out, title=''):
     ax.legend(handles=handles, fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
     ax.set(xscale='log', xlabel='test-time iterations (dots: the default rule, at its mean iterations)',
            ylabel=f"{first['headline']} accuracy (%)", ylim=(-3, 103), title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))           # 1, 2, 4, 8 ... iterations
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
