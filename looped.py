@@ -54,7 +54,7 @@ def check_range(cfg, name, lo, hi=math.inf, open_lo=False, open_hi=False):
     """cfg.name lies in the interval from lo to hi (closed unless open_lo / open_hi), else a one-line ValueError."""
     value = getattr(cfg, name)
     if value < lo or value > hi or (open_lo and value == lo) or (open_hi and value == hi):
-        top = f"2^{hi.bit_length() - 1}" if isinstance(hi, int) and hi > 1024 and not hi & (hi - 1) else hi
+        top = f"2^{hi.bit_length() - 1}" if isinstance(hi, int) and hi > 8192 and not hi & (hi - 1) else hi
         where = (f"{'>' if open_lo else '>='} {lo}" if hi == math.inf else
                  f"in {'(' if open_lo else '['}{lo}, {top}{')' if open_hi else ']'}")
         raise ValueError(f"{name} must be {where}, got {value}")
