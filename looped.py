@@ -301,13 +301,13 @@ class Block(nn.Module):
 def iterate(step, h, e, n_iters, halt_tol=0.0, min_iters=0, proj=None):
     """The loop h_{t+1} = step(h_t, e), up to n_iters times; every caller runs it through here. Yields after
     each iteration the state h (B, T, d), each example's residual ||P(h_{t+1} - h_t)|| / ||P h_t|| (B,), in
-    float64 (P = proj, else the identity), and the iterations each example has run (B,). The residual and
+    float64 but on MPS (P = proj, else the identity), and the iterations each example has run (B,). The residual and
     counts are updated in place: clone them to keep them. With halt_tol > 0, an example stops once it has run
     min_iters and its residual is below halt_tol or NaN; it keeps its state while the others go on, and
     the loop ends when all have stopped."""
     P = proj or (lambda v: v)
-    B = h.size(0)
-    residual = torch.full((B,), math.inf, dtype=torch.float64, device=h.device)
+    B, wide = h.size(0), torch.float32 if h.device.type == 'mps' else torch.float64     # MPS has no float64
+    residual = torch.full((B,), math.inf, dtype=wide, device=h.device)
     used = torch.zeros(B, dtype=torch.long, device=h.device)
     active = torch.arange(B, device=h.device)                     # the examples still iterating
     for t in range(n_iters):
@@ -315,8 +315,8 @@ def iterate(step, h, e, n_iters, halt_tol=0.0, min_iters=0, proj=None):
         old = h if every else h[active]
         new = step(old, e if every else e[active])
         with torch.no_grad():
-            moved = P(new - old).double().flatten(1).norm(dim=1)
-            residual[active] = moved / P(old).double().flatten(1).norm(dim=1)
+            moved = P(new - old).to(wide).flatten(1).norm(dim=1)
+            residual[active] = moved / P(old).to(wide).flatten(1).norm(dim=1)
         h = new if every else h.index_copy(0, active, new)
         used[active] += 1
         yield h, residual, used
